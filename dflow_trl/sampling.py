@@ -152,9 +152,14 @@ def sample_step_recorded(
         in_head_draw = (draw_ids.unsqueeze(-1) == head_ids.unsqueeze(-2)).any(-1)
         draw_log_excess = draw_log_excess.masked_fill(in_head_draw, -math.inf)
     draw_logp_old = log_post.gather(-1, draw_ids)
-    old = estimate_log_prob(
-        log_floor, log_post.gather(-1, head_ids), head_log_excess, torch.zeros_like(draw_logp_old), draw_log_excess
-    )
+    if head_size or num_draws:
+        old = estimate_log_prob(
+            log_floor, log_post.gather(-1, head_ids), head_log_excess, torch.zeros_like(draw_logp_old), draw_log_excess
+        )
+    elif path.exact_is_cheap:  # nothing recorded: the exact estimator scores the step
+        old = path.step_log_prob(posterior_probs.detach(), x_t, y, t, h)
+    else:
+        old = torch.full(x_t.shape, math.nan, device=x_t.device)
     return StepRecord(
         x_t=x_t,
         x_next=y,

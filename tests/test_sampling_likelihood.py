@@ -8,10 +8,17 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from dflow_trl.likelihood import ExactEstimator, MonteCarloEstimator, PosteriorOnlyEstimator, TopKEstimator, get_estimator
+from dflow_trl.likelihood import (
+    ExactEstimator,
+    MonteCarloEstimator,
+    PosteriorOnlyEstimator,
+    TopKEstimator,
+    get_estimator,
+)
 from dflow_trl.paths import MixturePath
 from dflow_trl.sampling import (
     StepRecord,
+    _log_excess,
     estimate_log_prob,
     guided_log_probs,
     sample_step,
@@ -107,15 +114,16 @@ def test_estimators_are_unbiased_for_a_fixed_next_state(name, num_draws, head_si
         y = torch.full((reps,), y_val)
         draws = torch.multinomial(probs.float(), reps * num_draws, replacement=True, generator=g).view(reps, num_draws)
         head = torch.topk(probs, head_size).indices.expand(reps, head_size) if head_size else torch.zeros(reps, 0, dtype=torch.long)
-        floor = path.stay_floor(x_t, t, h).double() * (y == x_t)
-        def excess(c):
-            k = path.kernel_log_prob(x_t[:, None], y[:, None], c, t, h).double().exp()
-            return (k - floor[:, None]).clamp_min(0).log()
-        d_exc = excess(draws)
+        floor = path.stay_floor(x_t, t, h).double()
+        d_exc = _log_excess(path, x_t, y, draws, t, h, floor)
         if head_size:
             d_exc = d_exc.masked_fill((draws[..., None] == head[:, None, :]).any(-1), -math.inf)
         est = estimate_log_prob(
-            floor.log(), probs.log()[head], excess(head), torch.zeros(reps, num_draws, dtype=torch.float64), d_exc
+            (floor * (y == x_t)).log(),
+            probs.log()[head],
+            _log_excess(path, x_t, y, head, t, h, floor),
+            torch.zeros(reps, num_draws, dtype=torch.float64),
+            d_exc,
         ).exp()
         exact = path.step_log_prob(probs[None], torch.tensor([x]), torch.tensor([y_val]), t, h).exp().item()
         se = est.std().item() / math.sqrt(reps)

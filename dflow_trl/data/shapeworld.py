@@ -1,0 +1,177 @@
+"""The ShapeWorld synthetic task: ``datasets.Dataset`` builders and the task's public API.
+
+Images are ``16 × 16`` grids of palette tokens (``palette``), showing simple shapes
+(``shapes``) placed per a ``SceneSpec`` (``scenes``). Text-to-image prompts come in GenEval's six
+categories with GenEval-format metadata and a split whose test prompts are unseen combinations
+(``prompts``); understanding questions have one-word answers (``vqa``); ``scoring`` is the
+programmatic GenEval analogue; ``tokenizer`` covers all the text.
+
+Dataset columns follow what TRL expects: ``prompt`` is the text condition, every other column is
+passed to reward functions as a list. The image condition of a question is ``scene_tokens`` (256
+ints, row-major), not ``image``/``images``, which TRL would treat as pixel inputs. ``metadata`` is
+a JSON string: Arrow cannot hold GenEval's mixed-type ``["left of", 0]`` lists, and a string
+passes through ``datasets`` and TRL unchanged; the scorer accepts either form.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable
+
+from datasets import Dataset
+
+from .palette import (
+    BACKGROUND,
+    CANVAS_LENGTH,
+    COLORS,
+    GRID,
+    PALETTE_SIZE,
+    as_grid,
+    color_token,
+    grid_to_image,
+    palette_embeddings,
+    palette_rgb,
+    render_grid_strip,
+)
+from .prompts import (
+    HELD_OUT_BINDINGS,
+    HELD_OUT_COUNTS,
+    HELD_OUT_PAIRS,
+    TAGS,
+    all_prompts,
+    check_metadata,
+    check_split,
+    check_tag,
+    in_split,
+    is_held_out,
+    scene_is_train_safe,
+    spec_from_metadata,
+    t2i_prompts,
+)
+from .scenes import (
+    RELATIONS,
+    DetectedObject,
+    ObjectSpec,
+    SceneSpec,
+    place_scene,
+    relative_position,
+    render_scene,
+)
+from .scoring import ScoreDetails, parse_grid, score_t2i, summarize_by_tag
+from .shapes import SHAPES, classify_cells
+from .tokenizer import (
+    ANSWER_LENGTH,
+    MAX_TEXT_LENGTH,
+    SPECIAL_TOKENS,
+    build_shapeworld_tokenizer,
+    decode_answer,
+    encode_answer,
+    normalize_answer,
+)
+from .vqa import ANSWERS, QTYPES, vqa_examples
+
+__all__ = [
+    "ANSWERS",
+    "ANSWER_LENGTH",
+    "BACKGROUND",
+    "CANVAS_LENGTH",
+    "COLORS",
+    "GRID",
+    "HELD_OUT_BINDINGS",
+    "HELD_OUT_COUNTS",
+    "HELD_OUT_PAIRS",
+    "MAX_TEXT_LENGTH",
+    "PALETTE_SIZE",
+    "QTYPES",
+    "RELATIONS",
+    "SHAPES",
+    "SPECIAL_TOKENS",
+    "TAGS",
+    "VQA_DEFAULT_SIZES",
+    "DetectedObject",
+    "ObjectSpec",
+    "SceneSpec",
+    "ScoreDetails",
+    "all_prompts",
+    "as_grid",
+    "build_shapeworld_tokenizer",
+    "check_metadata",
+    "classify_cells",
+    "color_token",
+    "decode_answer",
+    "encode_answer",
+    "grid_to_image",
+    "in_split",
+    "is_held_out",
+    "make_t2i_dataset",
+    "make_vqa_dataset",
+    "normalize_answer",
+    "palette_embeddings",
+    "palette_rgb",
+    "parse_grid",
+    "place_scene",
+    "relative_position",
+    "render_grid_strip",
+    "render_scene",
+    "scene_is_train_safe",
+    "score_t2i",
+    "spec_from_metadata",
+    "summarize_by_tag",
+    "t2i_prompts",
+]
+
+VQA_DEFAULT_SIZES: dict[str, int] = {"train": 4000, "test": 1000}
+
+
+def make_t2i_dataset(
+    split: str,
+    tags: Iterable[str] | None = None,
+    scenes_per_prompt: int = 0,
+    max_per_tag: int | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """Text-to-image prompts of ``split`` with columns ``prompt``, ``tag``, ``metadata`` (JSON).
+
+    ``scenes_per_prompt = k > 0`` repeats each prompt ``k`` times with a rendered scene in
+    ``scene_tokens`` (256 ints) — image targets for pretraining; training scenes show nothing held
+    out. ``max_per_tag`` keeps a seeded random subset of each tag's prompts (in their original
+    order) to balance the categories: colour attribution alone has hundreds of prompts.
+    """
+    check_split(split)
+    if scenes_per_prompt < 0:
+        raise ValueError(f"scenes_per_prompt must be >= 0, got {scenes_per_prompt}")
+    if max_per_tag is not None and max_per_tag < 1:
+        raise ValueError(f"max_per_tag must be >= 1 or None, got {max_per_tag}")
+    tags = TAGS if tags is None else tuple(check_tag(t) for t in tags)
+    rng = random.Random(f"shapeworld-t2i-{split}-{seed}")
+    metas: list[dict] = []
+    for tag in tags:
+        of_tag = t2i_prompts(split, [tag])
+        if max_per_tag is not None and len(of_tag) > max_per_tag:
+            keep = set(rng.sample(range(len(of_tag)), max_per_tag))
+            of_tag = [m for i, m in enumerate(of_tag) if i in keep]
+        metas += of_tag
+    rows: dict[str, list] = {"prompt": [], "tag": [], "metadata": []}
+    if scenes_per_prompt:
+        rows["scene_tokens"] = []
+    for m in metas:
+        for _ in range(max(scenes_per_prompt, 1)):
+            rows["prompt"].append(m["prompt"])
+            rows["tag"].append(m["tag"])
+            rows["metadata"].append(json.dumps(m))
+            if scenes_per_prompt:
+                spec = spec_from_metadata(m, rng, train_safe=split == "train")
+                rows["scene_tokens"].append(render_scene(spec, rng).flatten().tolist())
+    return Dataset.from_dict(rows)
+
+
+def make_vqa_dataset(
+    split: str, n: int | None = None, seed: int = 0, qtypes: Iterable[str] | None = None
+) -> Dataset:
+    """Understanding questions with columns ``prompt`` (the question), ``scene_tokens`` (256 ints),
+    ``answer`` (one word) and ``qtype``; ``n`` defaults to ``VQA_DEFAULT_SIZES[split]``."""
+    check_split(split)
+    rows = vqa_examples(split, VQA_DEFAULT_SIZES[split] if n is None else n, seed, qtypes)
+    columns = ("prompt", "scene_tokens", "answer", "qtype")
+    return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})

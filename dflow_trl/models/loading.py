@@ -1,0 +1,50 @@
+"""Load a saved discrete flow model (and its tokenizer) by the ``model_type`` in its config."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from .dfm_transformer import DFMTransformer, DFMTransformerConfig
+
+AutoConfig.register(DFMTransformerConfig.model_type, DFMTransformerConfig, exist_ok=True)
+AutoModel.register(DFMTransformerConfig, DFMTransformer, exist_ok=True)
+
+
+def _model_type(path: str) -> str:
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise ValueError(
+            f"{path!r} is not a saved discrete flow model (no config.json). Models cannot be downloaded here: "
+            "pass a local folder written by save_pretrained, or a model object"
+        )
+    with open(cfg) as f:
+        return json.load(f).get("model_type", "")
+
+
+def load_flow_model(path: str, quantization_config: Any = None, **kwargs: Any) -> Any:
+    """Load the discrete flow model saved at ``path`` (``dfm_transformer`` or FUDOKI's ``multi_modality``)."""
+    kind = _model_type(path)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if kind == DFMTransformerConfig.model_type:
+        return DFMTransformer.from_pretrained(path, **kwargs)
+    if kind == "multi_modality":
+        from .fudoki import FudokiForFlow
+
+        return FudokiForFlow.from_pretrained(path, **kwargs)
+    raise ValueError(
+        f"{path!r} holds a {kind!r} model, which is not a discrete flow model dflow-trl knows; "
+        "expected 'dfm_transformer' or FUDOKI's 'multi_modality'"
+    )
+
+
+def load_processing_class(path: str) -> Any:
+    """The tokenizer saved beside the model (``None`` if there is none)."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None

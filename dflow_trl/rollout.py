@@ -1,0 +1,87 @@
+"""Model-level rollouts: a discrete flow model and a batch of prompts → a :class:`Trajectory`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .likelihood import Estimator
+from .models.base import FlowInputs
+from .paths.base import ProbabilityPath
+from .sampling import Trajectory, sample_trajectory
+
+
+def flow_logits(model: Any, batch: FlowInputs, canvas: torch.LongTensor, unconditional: bool = False) -> torch.Tensor:
+    """``(B, D, V)`` posterior logits of ``model`` (called through its ``forward``, so DDP/PEFT wrappers
+    see the call) for ``batch`` with the canvas set to ``canvas``."""
+    ids = batch.with_canvas(canvas, unconditional=unconditional)
+    return model(input_ids=ids, attention_mask=batch.attention_mask, canvas_mask=batch.canvas_mask, **batch.extra)
+
+
+@torch.no_grad()
+def rollout(
+    model: Any,
+    batch: FlowInputs,
+    path: ProbabilityPath,
+    num_steps: int,
+    cfg_scale: float = 0.0,
+    temperature: float = 1.0,
+    estimator: Estimator | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+) -> Trajectory:
+    """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
+
+    ``chunk_size`` rollouts share one forward pass (all by default)."""
+    if cfg_scale != 0 and batch.uncond_input_ids is None:
+        raise ValueError("cfg_scale != 0 but the model defines no unconditional input")
+    b, d = batch.batch_size, batch.canvas_length
+    device = batch.input_ids.device
+    chunk = chunk_size or b
+    parts = []
+    for s in range(0, b, chunk):
+        sub = batch.index(slice(s, s + chunk))
+        x0 = path.sample_source((sub.batch_size, d), generator=generator, device=device)
+        parts.append(
+            sample_trajectory(
+                path,
+                lambda x, t, sub=sub: flow_logits(model, sub, x),
+                x0,
+                num_steps=num_steps,
+                uncond_logits_fn=(lambda x, t, sub=sub: flow_logits(model, sub, x, unconditional=True)),
+                cfg_scale=cfg_scale,
+                temperature=temperature,
+                num_draws=estimator.num_draws if estimator else 0,
+                head_size=estimator.head_size if estimator else 0,
+                generator=generator,
+            )
+        )
+    if len(parts) == 1:
+        return parts[0]
+    merged = {k: torch.cat([p.to_dict()[k] for p in parts]) for k in parts[0].to_dict()}
+    return Trajectory.from_dict(merged)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompts: list[Any],
+    processing_class: Any = None,
+    num_steps: int = 20,
+    cfg_scale: float = 0.0,
+    temperature: float = 1.0,
+    seed: int | None = None,
+    chunk_size: int | None = None,
+    **columns: list[Any],
+) -> tuple[torch.LongTensor, list[Any]]:
+    """Sample one canvas per prompt: returns ``(canvas (B, D), decoded)`` (PIL images or strings)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    batch = base.prepare_flow_inputs(list(prompts), processing_class, **columns)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=batch.input_ids.device).manual_seed(seed)
+    traj = rollout(
+        model, batch, base.get_probability_path(), num_steps, cfg_scale, temperature, generator=gen, chunk_size=chunk_size
+    )
+    return traj.final, base.decode_canvas(traj.final, processing_class)

@@ -1,0 +1,99 @@
+"""``DFlowGRPOConfig``: TRL's ``GRPOConfig`` plus the discrete-flow knobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from ..likelihood import ESTIMATORS
+
+
+@dataclass
+class DFlowGRPOConfig(GRPOConfig):
+    r"""Configuration of :class:`DFlowGRPOTrainer` (dFlowGRPO, arXiv 2605.09291).
+
+    Every ``GRPOConfig`` field keeps its meaning, with *denoising steps* in the place of
+    completion tokens: the per-"token" log-probability is the per-step ``log π_θ(x_{k+1} | x_k)``
+    aggregated over canvas positions, so ``importance_sampling_level``, ``loss_type``, ``epsilon``
+    / ``epsilon_high``, ``beta`` (k3 KL) and ``scale_rewards`` act on steps. Defaults below follow
+    the paper's code where it has them.
+
+    Fields that do not apply to discrete flow models: ``max_completion_length`` (set to the number
+    of trained steps by the trainer, so ``dr_grpo`` normalises by it), ``top_p``, ``top_k``,
+    ``min_p``, ``repetition_penalty``, ``generation_kwargs``, ``cache_implementation``,
+    ``mask_truncated_completions`` and everything ``vllm_*`` (refused: ``use_vllm=True``).
+
+    Parameters:
+        num_flow_steps: Euler steps K of training rollouts (paper: 8).
+        num_flow_steps_eval: Euler steps of evaluation rollouts (paper: 20).
+        estimator: ``"monte_carlo"`` (paper), ``"top_k"``, ``"exact"`` or ``"posterior_only"`` (d1).
+        num_mc_samples: posterior draws n per position and step (paper: 24); also the tail draws of
+            ``top_k``.
+        top_k_size: exact head size k of the ``top_k`` estimator.
+        train_steps: which steps are trained: ``"moving"`` (every step where tokens can move, the
+            last one only with ``include_last_step``), or ``"all"``.
+        include_last_step: train the final ``t_{K-1} → 1`` step (a pure posterior sample); the paper
+            excludes it.
+        num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
+            backward cost); ``None`` trains all selected steps.
+        step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
+            paper) or ``"sum"`` (the joint probability of the step).
+        cfg_scale / cfg_scale_eval: classifier-free guidance ``w`` of training / evaluation rollouts
+            (paper trains without CFG; FUDOKI evaluates with 5.0). Training with ``w ≠ 0`` scores the
+            guided policy, at twice the forward cost.
+        flow_temperature: temperature τ of the rollout posterior (also used when scoring).
+        rollout_batch_size: rollouts sampled per forward pass (default: per-device train batch size).
+        log_sample_images: how many final images to log per generation (to TensorBoard / W&B /
+            trackio when one is enabled in ``report_to``).
+    """
+
+    num_flow_steps: int = field(default=8, metadata={"help": "Euler steps of training rollouts (paper: 8)."})
+    num_flow_steps_eval: int = field(default=20, metadata={"help": "Euler steps of evaluation rollouts (paper: 20)."})
+    estimator: str = field(
+        default="monte_carlo",
+        metadata={"help": "Estimator of log π_θ per step.", "choices": list(ESTIMATORS)},
+    )
+    num_mc_samples: int = field(default=24, metadata={"help": "Posterior draws per position and step (paper: 24)."})
+    top_k_size: int = field(default=16, metadata={"help": "Exact head size of the top_k estimator."})
+    train_steps: str = field(
+        default="moving", metadata={"help": "Which steps are trained.", "choices": ["moving", "all"]}
+    )
+    include_last_step: bool = field(default=False, metadata={"help": "Train the final direct-posterior step."})
+    num_train_steps_per_rollout: int | None = field(
+        default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}
+    )
+    step_aggregation: str = field(
+        default="mean", metadata={"help": "Aggregate per-position log ratios.", "choices": ["mean", "sum"]}
+    )
+    cfg_scale: float = field(default=0.0, metadata={"help": "CFG scale of training rollouts (paper: 0)."})
+    cfg_scale_eval: float = field(default=0.0, metadata={"help": "CFG scale of evaluation rollouts."})
+    flow_temperature: float = field(default=1.0, metadata={"help": "Temperature of the rollout posterior."})
+    rollout_batch_size: int | None = field(default=None, metadata={"help": "Rollouts per sampler forward pass."})
+    log_sample_images: int = field(default=4, metadata={"help": "Final images logged per generation."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        errors = []
+        if self.num_flow_steps < 1 or self.num_flow_steps_eval < 1:
+            errors.append("num_flow_steps and num_flow_steps_eval must be >= 1")
+        if self.estimator not in ESTIMATORS:
+            errors.append(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        if self.num_mc_samples < 0 or (self.estimator == "monte_carlo" and self.num_mc_samples < 1):
+            errors.append(f"num_mc_samples must be >= 1 for monte_carlo, got {self.num_mc_samples}")
+        if self.top_k_size < 1:
+            errors.append(f"top_k_size must be >= 1, got {self.top_k_size}")
+        if self.train_steps not in ("moving", "all"):
+            errors.append(f"train_steps must be 'moving' or 'all', got {self.train_steps!r}")
+        if self.step_aggregation not in ("mean", "sum"):
+            errors.append(f"step_aggregation must be 'mean' or 'sum', got {self.step_aggregation!r}")
+        if self.num_train_steps_per_rollout is not None and self.num_train_steps_per_rollout < 1:
+            errors.append("num_train_steps_per_rollout must be >= 1 or None")
+        if self.flow_temperature <= 0:
+            errors.append(f"flow_temperature must be > 0, got {self.flow_temperature}")
+        if self.use_vllm:
+            errors.append("use_vllm=True is not supported: vLLM has no discrete-flow sampler; rollouts run in-process")
+        if self.num_generations is not None and self.num_generations < 2:
+            errors.append(f"num_generations must be >= 2 for group-relative advantages, got {self.num_generations}")
+        if errors:
+            raise ValueError("Invalid DFlowGRPOConfig: " + "; ".join(errors))

@@ -1,0 +1,386 @@
+"""``DFlowGRPOTrainer``: dFlowGRPO as a thin subclass of TRL's ``GRPOTrainer``.
+
+Denoising steps play the role completion tokens play in TRL. The base class keeps everything it
+owns — batching and buffering (``steps_per_generation`` × ``num_iterations``), reward calling and
+weights, advantages and ``scale_rewards``, every loss type, ε/ε_high clipping, the k3 KL to the
+reference (adapter disabled under PEFT), metrics, checkpoints and the model card. This class
+overrides only:
+
+* ``_generate`` — discrete-flow rollouts instead of ``model.generate``; the "completion" of a
+  sample is the list of its trained steps, its decoded canvas the completion shown to rewards;
+* ``_calculate_rewards`` — rewards see the final canvas tokens as ``completion_ids``;
+* ``_generate_and_score_completions`` / ``compute_loss`` — carry the trajectory alongside TRL's
+  batch (it is shuffled and split with it);
+* ``_get_per_token_logps_and_entropies`` — per-step ``log π_θ(x_{k+1} | x_k)`` from fresh
+  posterior logits, aggregated over canvas positions.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from peft import PeftModel
+from transformers import PreTrainedModel
+from trl import GRPOTrainer
+from trl.models import unwrap_model_for_generation
+
+from ..likelihood import get_estimator
+from ..models.base import FlowInputs, check_flow_model
+from ..models.loading import load_flow_model, load_processing_class
+from ..rewards.combine import checked_reward
+from ..rollout import rollout
+from ..sampling import StepRecord, guided_log_probs
+from .config import DFlowGRPOConfig
+
+_CITATION = """\
+@article{wan2026dflowgrpo,
+    title   = {{dFlowGRPO: Rate-Aware Policy Optimization for Discrete Flow Models}},
+    author  = {Zhengyan Wan and Yidong Ouyang and Panwen Hu and Qiang Sun},
+    year    = 2026,
+    eprint  = {arXiv:2605.09291},
+}"""
+
+_BATCH_KEYS = ("input_ids", "attention_mask", "canvas_mask", "uncond_input_ids")
+
+
+class DFlowGRPOTrainer(GRPOTrainer):
+    """GRPO for discrete flow models (dFlowGRPO). Same constructor and workflow as ``GRPOTrainer``.
+
+    ``model`` is a discrete flow model (``dflow_trl.models.DiscreteFlowModelMixin``) or the path of a
+    saved one; ``processing_class`` its tokenizer (loaded from the path when omitted). Reward
+    functions receive ``completions`` as PIL images (image canvases) or strings (text canvases),
+    ``completion_ids`` as the final canvas tokens, and every dataset column as keyword arguments.
+    """
+
+    _tag_names = ["trl", "dflow-grpo", "discrete-flow-model"]
+    _name = "dFlowGRPO"
+    _paper = {
+        "title": "dFlowGRPO: Rate-Aware Policy Optimization for Discrete Flow Models",
+        "id": "2605.09291",
+        "citation": _CITATION,
+    }
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        reward_funcs: Any = None,
+        args: DFlowGRPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        callbacks: Any = None,
+        optimizers: tuple = (None, None),
+        quantization_config: Any = None,
+        peft_config: Any = None,
+        tools: Any = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
+    ) -> None:
+        if args is None:
+            args = DFlowGRPOConfig("dflow-grpo-output")
+        if not isinstance(args, DFlowGRPOConfig):
+            raise TypeError(f"args must be a DFlowGRPOConfig, got {type(args).__name__}; build one with the same fields")
+        if tools or rollout_func is not None or environment_factory is not None:
+            raise ValueError("tools, rollout_func and environment_factory are not supported by DFlowGRPOTrainer")
+        if isinstance(model, str):
+            path = model
+            model = load_flow_model(path, quantization_config=quantization_config, **(args.model_init_kwargs or {}))
+            if processing_class is None:
+                processing_class = load_processing_class(path)
+        if processing_class is None:
+            raise ValueError(
+                "processing_class is required: pass the model's tokenizer (or give `model` as a path that holds it)"
+            )
+        check_flow_model(model)
+        flow_model = model.get_base_model() if isinstance(model, PeftModel) else model
+        for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            _check_dataset(name, dataset)
+        self.estimator = get_estimator(args.estimator, num_draws=args.num_mc_samples, top_k=args.top_k_size)
+        self.estimator.check_path(flow_model.get_probability_path())
+        if reward_funcs is None:
+            raise ValueError("reward_funcs is required: pass one or more reward functions")
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        funcs = [checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
+        if peft_config is not None and getattr(peft_config, "task_type", None) is not None:
+            # Task-typed PEFT wrappers (e.g. CAUSAL_LM) assume generate()/labels; a DFM needs the plain wrapper.
+            peft_config = copy.copy(peft_config)
+            peft_config.task_type = None
+
+        # TRL rebuilds the reference model from `config._name_or_path`, which fails for in-memory models:
+        # build it here as a frozen copy instead (PEFT needs none: the adapter is disabled).
+        beta, sync_ref = args.beta, args.sync_ref_model
+        own_ref = beta != 0 and peft_config is None and not isinstance(model, PeftModel)
+        ref_copy = copy.deepcopy(model).eval().requires_grad_(False) if own_ref else None
+        if own_ref:
+            args.beta, args.sync_ref_model = 0.0, False
+        try:
+            super().__init__(
+                model=model,
+                reward_funcs=funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        finally:
+            args.beta, args.sync_ref_model = beta, sync_ref
+        if own_ref:
+            self.beta = beta
+            self.ref_model = self.accelerator.prepare_model(ref_copy, evaluation_mode=True)
+            if sync_ref:
+                from trl.trainer.callbacks import SyncRefModelCallback
+
+                self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+
+        self.flow_path = flow_model.get_probability_path()
+        self._flow_rows_in: list[dict[str, Any]] | None = None
+        self._flow_current: dict[str, Any] | None = None
+        self._flow_canvas: list[list[int]] | None = None
+        self._flow_last_images: list[Any] = []
+        # dr_grpo normalises by max_completion_length: here, the number of trained steps per rollout.
+        self.max_completion_length = max(1, self._num_trained_steps(args.num_flow_steps))
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def _flow_model(self) -> Any:
+        model = self.accelerator.unwrap_model(self.model)
+        return model.get_base_model() if isinstance(model, PeftModel) else model
+
+    def _trainable_steps(self, num_steps: int) -> list[int]:
+        """Steps whose probability depends on θ and that the config trains."""
+        if self.args.estimator == "posterior_only":
+            return [0]
+        times = [k / num_steps for k in range(num_steps + 1)]
+        steps = []
+        for k in range(num_steps):
+            last = k == num_steps - 1
+            if last and not self.args.include_last_step and num_steps > 1:
+                continue
+            if self.args.train_steps == "all" or self.flow_path.moves_at(times[k], times[k + 1] - times[k]):
+                steps.append(k)
+        if not steps:
+            raise ValueError(
+                f"no trainable denoising step among {num_steps}: raise num_flow_steps or set include_last_step=True"
+            )
+        return steps
+
+    def _num_trained_steps(self, num_steps: int) -> int:
+        n = len(self._trainable_steps(num_steps))
+        return min(n, self.args.num_train_steps_per_rollout or n)
+
+    # ---- rollouts ---------------------------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        self._flow_rows_in = inputs
+        output = super()._generate_and_score_completions(inputs)
+        output.update(self._flow_current)
+        self._flow_current = None
+        return output
+
+    def _generate(self, prompts: list[Any]):
+        mode = "train" if self.model.training else "eval"
+        args = self.args
+        rows = self._flow_rows_in
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        flow_model = self._flow_model()
+        batch = flow_model.prepare_flow_inputs(prompts, self.processing_class, **columns)
+        num_steps = args.num_flow_steps if mode == "train" else args.num_flow_steps_eval
+        cfg = args.cfg_scale if mode == "train" else args.cfg_scale_eval
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+        ) as unwrapped:
+            traj = rollout(
+                unwrapped,
+                batch,
+                self.flow_path,
+                num_steps,
+                cfg_scale=cfg,
+                temperature=args.flow_temperature,
+                estimator=self.estimator,
+                chunk_size=args.rollout_batch_size or args.per_device_train_batch_size,
+            )
+        completions = flow_model.decode_canvas(traj.final, self.processing_class)
+        step_index = self._select_steps(batch.batch_size, num_steps, traj.states.device)
+        self._flow_canvas = traj.final.tolist()
+        self._flow_current = {
+            **traj.to_dict(),
+            "flow_step_index": step_index,
+            "flow_cfg_scale": torch.full((batch.batch_size,), float(cfg), device=step_index.device),
+            **{f"flow_{k}": getattr(batch, k) for k in _BATCH_KEYS if getattr(batch, k) is not None},
+            **{f"flow_extra_{k}": v for k, v in batch.extra.items()},
+        }
+        changed = (traj.states[:, 1:] != traj.states[:, :-1]).float().mean(dim=(0, 2))
+        for k, frac in enumerate(changed.tolist()):
+            self._metrics[mode][f"flow/changed_frac/step_{k}"].append(frac)
+        if flow_model.canvas_kind == "image" and args.log_sample_images:
+            self._flow_last_images = list(completions[: args.log_sample_images])
+        cond = (batch.attention_mask.bool() & ~batch.canvas_mask).cpu()
+        prompt_ids = [row[m].tolist() for row, m in zip(batch.input_ids.cpu(), cond)]
+        return prompt_ids, step_index.tolist(), None, completions, None, {}, None, None
+
+    def _select_steps(self, batch_size: int, num_steps: int, device: torch.device) -> torch.Tensor:
+        steps = torch.tensor(self._trainable_steps(num_steps), device=device)
+        keep = self.args.num_train_steps_per_rollout
+        if not keep or keep >= steps.numel():
+            return steps.expand(batch_size, -1).clone()
+        order = torch.rand(batch_size, steps.numel(), device=device).argsort(-1)[:, :keep].sort(-1).values
+        return steps[order]
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        return super()._calculate_rewards(inputs, prompts, completions, self._flow_canvas)
+
+    # ---- log-probabilities ------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._flow_current = inputs
+        try:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            self._flow_current = None
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **_: Any,
+    ):
+        """Per-step ``log π̂_θ(x_{k+1} | x_k)`` (``(B, T)``, aggregated over the canvas) for the trained steps."""
+        rows = self._flow_current
+        if rows is None or rows["flow_states"].shape[0] != input_ids.shape[0]:
+            raise RuntimeError("DFlowGRPOTrainer: no trajectory matches this batch (internal error)")
+        states, times, step_index = rows["flow_states"], rows["flow_times"][0], rows["flow_step_index"]
+        cfg = float(rows["flow_cfg_scale"][0])
+        b, t_steps = step_index.shape
+        logps = torch.zeros(b, logits_to_keep, device=states.device)
+        entropies = torch.zeros_like(logps)
+        chunk = batch_size or self.args.per_device_train_batch_size
+        posterior_only = self.args.estimator == "posterior_only"
+        mode = "train" if self.model.training else "eval"
+        for k in step_index.unique().tolist():
+            sel = (step_index == k).nonzero()
+            for s in range(0, sel.shape[0], chunk):
+                i, j = sel[s : s + chunk, 0], sel[s : s + chunk, 1]
+                record = self._record(rows, i, k, final=posterior_only)
+                batch = FlowInputs(
+                    rows["flow_input_ids"][i],
+                    rows["flow_attention_mask"][i],
+                    rows["flow_canvas_mask"][i],
+                    rows["flow_uncond_input_ids"][i] if "flow_uncond_input_ids" in rows else None,
+                    {key[len("flow_extra_") :]: v[i] for key, v in rows.items() if key.startswith("flow_extra_")},
+                )
+                cond = model(
+                    input_ids=batch.with_canvas(record.x_t),
+                    attention_mask=batch.attention_mask,
+                    canvas_mask=batch.canvas_mask,
+                    **batch.extra,
+                )
+                uncond = None
+                if cfg != 0:
+                    uncond = model(
+                        input_ids=batch.with_canvas(record.x_t, unconditional=True),
+                        attention_mask=batch.attention_mask,
+                        canvas_mask=batch.canvas_mask,
+                        **batch.extra,
+                    )
+                log_post = guided_log_probs(cond, uncond, cfg, self.args.flow_temperature)
+                t, h = float(times[k]), float(times[k + 1] - times[k])
+                per_pos = self.estimator.step_log_prob(self.flow_path, record, log_post, t, h).float()
+                agg = per_pos.mean(-1) if self.args.step_aggregation == "mean" else per_pos.sum(-1)
+                logps[i, j] = agg
+                if compute_entropy:
+                    ent = -(log_post.exp() * log_post.nan_to_num(neginf=0.0)).sum(-1).mean(-1)
+                    entropies[i, j] = ent.detach()
+                if torch.is_grad_enabled() and not posterior_only:
+                    old = record.old_log_prob.mean(-1) if self.args.step_aggregation == "mean" else record.old_log_prob.sum(-1)
+                    drift = (agg.detach() - old).abs().mean().item()
+                    self._metrics[mode][f"flow/abs_log_ratio/step_{k}"].append(drift)
+        if not torch.isfinite(logps[:, :t_steps]).all():
+            raise FloatingPointError(
+                "non-finite step log-probability: the posterior gave zero probability to a realised transition; "
+                "check that the model's logits are finite and that temperature/CFG match the rollouts"
+            )
+        return logps, (entropies if compute_entropy else None), None
+
+    @staticmethod
+    def _record(rows: dict[str, Any], i: torch.Tensor, k: int, final: bool = False) -> StepRecord:
+        states = rows["flow_states"][i]
+        if final:  # posterior_only: scored at the source, on the final sample
+            empty = torch.zeros(*states.shape[0:1], states.shape[-1], 0, device=states.device)
+            return StepRecord(states[:, 0], states[:, -1], None, empty.long(), empty, empty.long(), empty, empty, None)
+        return StepRecord(
+            x_t=states[:, k],
+            x_next=states[:, k + 1],
+            **{
+                name: rows[f"flow_{name}"][i, k]
+                for name in (
+                    "log_floor",
+                    "head_ids",
+                    "head_log_excess",
+                    "draw_ids",
+                    "draw_logp_old",
+                    "draw_log_excess",
+                    "old_log_prob",
+                )
+            },
+        )
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self._flow_last_images and self.accelerator.is_main_process:
+            _log_images(self, gather_object(self._flow_last_images)[: self.args.log_sample_images])
+            self._flow_last_images = []
+
+
+def _check_dataset(name: str, dataset: Any) -> None:
+    if dataset is None:
+        return
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for ds in datasets:
+        cols = getattr(ds, "column_names", None)
+        if cols is None:
+            continue
+        if "prompt" not in cols:
+            raise ValueError(f"{name} needs a 'prompt' column (the condition text); it has columns {cols}")
+        clash = [c for c in ("image", "images") if c in cols]
+        if clash:
+            raise ValueError(
+                f"{name} has a column named {clash[0]!r}, which TRL treats as chat images for a VLM processor; "
+                "rename it (e.g. to 'scene_tokens' or 'image_path') and point the model's image column at it"
+            )
+
+
+def _log_images(trainer: DFlowGRPOTrainer, images: list[Any]) -> None:
+    """Send final sample images to the trackers named in ``report_to`` that are installed."""
+    step = trainer.state.global_step
+    report = trainer.args.report_to or []
+    if "tensorboard" in report:
+        import numpy as np
+
+        for cb in trainer.callback_handler.callbacks:
+            writer = getattr(cb, "tb_writer", None)
+            if writer is not None:
+                for n, img in enumerate(images):
+                    writer.add_image(f"samples/{n}", np.asarray(img), step, dataformats="HWC")
+    if "wandb" in report:
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({"samples": [wandb.Image(img) for img in images]}, step=step)
+        except ImportError:
+            pass
+    if "trackio" in report:
+        try:
+            import trackio
+
+            trackio.log({"samples": [trackio.Image(img) for img in images]}, step=step)
+        except (ImportError, AttributeError, RuntimeError):
+            pass
+
+
+__all__ = ["DFlowGRPOTrainer"]

@@ -1,0 +1,259 @@
+"""ShapeWorld task data: palette, shapes, scenes, prompts and split, datasets, questions, pictures."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from dflow_trl.data.prompts import bindings_of
+from dflow_trl.data.shapes import TEMPLATES, classify_cells, mask_distance
+from dflow_trl.data.shapeworld import (
+    ANSWERS,
+    CANVAS_LENGTH,
+    COLORS,
+    GRID,
+    HELD_OUT_BINDINGS,
+    HELD_OUT_PAIRS,
+    PALETTE_SIZE,
+    QTYPES,
+    RELATIONS,
+    SHAPES,
+    TAGS,
+    ObjectSpec,
+    SceneSpec,
+    all_prompts,
+    grid_to_image,
+    in_split,
+    is_held_out,
+    make_t2i_dataset,
+    make_vqa_dataset,
+    palette_embeddings,
+    palette_rgb,
+    parse_grid,
+    relative_position,
+    render_grid_strip,
+    render_scene,
+    scene_is_train_safe,
+    spec_from_metadata,
+    t2i_prompts,
+)
+
+# ---- palette and shapes --------------------------------------------------------------------------
+
+
+def test_palette_rows_stay_distinct_after_l2_normalisation():
+    emb = palette_embeddings()
+    assert emb.shape == (PALETTE_SIZE, 3) and emb.dtype == torch.float32
+    assert 8 <= PALETTE_SIZE <= 10 and len(COLORS) == PALETTE_SIZE - 1
+    assert emb.min() >= 0 and emb.max() <= 1
+    assert (emb.norm(dim=1) > 0.1).all()  # the background is dark grey, not a zero row
+    unit = emb / emb.norm(dim=1, keepdim=True)
+    dist = torch.cdist(unit, unit) + torch.eye(PALETTE_SIZE) * 10
+    assert dist.min() > 0.3
+    assert dist[0].min() > 0.45  # every colour is well away from the background's grey direction
+
+
+def test_templates_are_far_apart_so_tolerance_one_is_unambiguous():
+    for a, b in itertools.combinations(SHAPES, 2):
+        assert mask_distance(TEMPLATES[a], TEMPLATES[b]) >= 4, (a, b)
+    for shape, cells in TEMPLATES.items():
+        assert classify_cells(cells) == shape
+        assert classify_cells({(r + 7, c + 3) for r, c in cells}) == shape  # position does not matter
+    assert classify_cells({(0, 0), (0, 1)}) == "unknown"
+
+
+# ---- scenes ------------------------------------------------------------------------------------
+
+
+def test_render_scene_is_deterministic_and_parses_back():
+    spec = SceneSpec((ObjectSpec("circle", "red"), ObjectSpec("square", "blue", ("below", 0)), ObjectSpec("cross")))
+    grid = render_scene(spec, 7)
+    assert grid.shape == (GRID, GRID) and grid.dtype == torch.long
+    assert torch.equal(grid, render_scene(spec, random.Random(7)))
+    objs = {o.shape: o for o in parse_grid(grid)}
+    assert set(objs) == {"circle", "square", "cross"}
+    assert (objs["circle"].color, objs["square"].color) == ("red", "blue")
+    assert "below" in relative_position(objs["square"].bbox, objs["circle"].bbox)
+
+
+def test_four_of_the_widest_shape_fit():
+    spec = SceneSpec(tuple(ObjectSpec("triangle", "green") for _ in range(4)))
+    for seed in range(20):
+        assert [o.shape for o in parse_grid(render_scene(spec, seed))] == ["triangle"] * 4
+
+
+def test_scene_spec_validation():
+    with pytest.raises(ValueError, match="unknown shape"):
+        SceneSpec((ObjectSpec("star"),))
+    with pytest.raises(ValueError, match="unknown colour"):
+        SceneSpec((ObjectSpec("square", "black"),))
+    with pytest.raises(ValueError, match="earlier object"):
+        SceneSpec((ObjectSpec("square", None, ("above", 0)),))
+    with pytest.raises(ValueError, match="unknown relation"):
+        SceneSpec((ObjectSpec("square"), ObjectSpec("circle", None, ("near", 0))))
+    with pytest.raises(ValueError, match="1 to 4 objects"):
+        SceneSpec(tuple(ObjectSpec("square") for _ in range(5)))
+    with pytest.raises(ValueError, match="rng"):
+        render_scene(SceneSpec((ObjectSpec("square"),)), rng="seed")
+
+
+# ---- prompts and split ---------------------------------------------------------------------------
+
+
+def test_geneval_wording_and_metadata():
+    by_text = {m["prompt"]: m for m in all_prompts()}
+    assert by_text["a photo of a red square"]["include"] == [{"class": "square", "count": 1, "color": "red"}]
+    assert by_text["a photo of a circle and a triangle"]["tag"] == "two_object"
+    assert by_text["a photo of three squares"] == {
+        "tag": "counting",
+        "include": [{"class": "square", "count": 3}],
+        "exclude": [{"class": "square", "count": 4}],
+        "prompt": "a photo of three squares",
+    }
+    assert by_text["a photo of a blue circle"]["tag"] == "colors"
+    assert by_text["a photo of a square left of a circle"]["include"] == [
+        {"class": "circle", "count": 1},
+        {"class": "square", "count": 1, "position": ["left of", 0]},
+    ]
+    assert by_text["a photo of a red square and a blue triangle"]["tag"] == "color_attr"
+    assert "a photo of an orange cross" in by_text
+    assert len(by_text) == len(all_prompts())  # no two prompts share a text
+    counts = {tag: len(all_prompts([tag])) for tag in TAGS}
+    assert counts == {"single_object": 5, "two_object": 20, "counting": 15, "colors": 40, "position": 80, "color_attr": 1120}
+
+
+def test_split_is_deterministic_and_test_combinations_are_unseen():
+    train, test = t2i_prompts("train"), t2i_prompts("test")
+    assert t2i_prompts("train") == train
+    train_texts = {m["prompt"] for m in train}
+    # Only the five single-object prompts are shared; every other test prompt is held out.
+    shared = [m for m in test if m["prompt"] in train_texts]
+    assert {m["tag"] for m in shared} == {"single_object"} and len(shared) == 5
+    assert all(is_held_out(m) for m in test if m["tag"] != "single_object")
+    assert len(train) + len(test) == len(all_prompts()) + 5
+    for tag in TAGS:
+        assert any(m["tag"] == tag for m in test), tag
+    # No training prompt binds a held-out colour to its shape or pairs held-out shapes ...
+    for m in train:
+        assert not bindings_of(m) & HELD_OUT_BINDINGS
+        assert not any(pair <= {r["class"] for r in m["include"]} for pair in HELD_OUT_PAIRS)
+    # ... yet every colour and every shape is still trained, in the colours category.
+    trained = {b for m in train if m["tag"] == "colors" for b in bindings_of(m)}
+    assert {c for c, _ in trained} == set(COLORS) and {s for _, s in trained} == set(SHAPES)
+    with pytest.raises(ValueError, match="split"):
+        in_split(train[0], "validation")
+
+
+def test_spec_from_metadata_counts_and_train_safety():
+    m = next(m for m in all_prompts(["counting"]) if m["prompt"] == "a photo of four crosses")
+    spec = spec_from_metadata(m, 0, train_safe=True)
+    assert [o.shape for o in spec.objects] == ["cross"] * 4
+    assert all((o.color, o.shape) not in HELD_OUT_BINDINGS for o in spec.objects)
+    held = next(m for m in all_prompts(["colors"]) if m["prompt"] == "a photo of a red square")
+    with pytest.raises(ValueError, match="held out"):
+        spec_from_metadata(held, train_safe=True)
+
+
+# ---- datasets ------------------------------------------------------------------------------------
+
+
+def test_t2i_dataset_columns_and_scenes():
+    ds = make_t2i_dataset("train")
+    assert ds.column_names == ["prompt", "tag", "metadata"]
+    assert len(ds) == len(t2i_prompts("train"))
+    assert json.loads(ds[0]["metadata"])["prompt"] == ds[0]["prompt"]
+
+    small = make_t2i_dataset("train", scenes_per_prompt=2, max_per_tag=6, seed=3)
+    assert small.column_names == ["prompt", "tag", "metadata", "scene_tokens"]
+    assert len(small) == 2 * sum(min(6, len(t2i_prompts("train", [t]))) for t in TAGS)
+    assert small["prompt"] == make_t2i_dataset("train", scenes_per_prompt=2, max_per_tag=6, seed=3)["prompt"]
+    for row in small:
+        objs = parse_grid(row["scene_tokens"])
+        assert len(row["scene_tokens"]) == CANVAS_LENGTH
+        assert scene_is_train_safe([(o.shape, o.color) for o in objs]), row["prompt"]
+
+    test = make_t2i_dataset("test", tags=["colors"], scenes_per_prompt=1)
+    assert set(test["tag"]) == {"colors"} and len(test) == len(t2i_prompts("test", ["colors"]))
+    with pytest.raises(ValueError, match="unknown tag"):
+        make_t2i_dataset("train", tags=["style"])
+    with pytest.raises(ValueError, match="split"):
+        make_t2i_dataset("val")
+
+
+_QUESTION_RES = {
+    "count": re.compile(r"how many (\w+) are there\?"),
+    "color": re.compile(r"what color is the (\w+)\?"),
+    "position": re.compile(r"where is the (\w+) relative to the (\w+)\?"),
+    "exist": re.compile(r"is there an? (\w+) (\w+)\?"),
+}
+_NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
+_SINGULAR = {"squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross", "diamonds": "diamond"}
+
+
+def _check_answer(row: dict) -> None:
+    """Recompute the answer from the parsed scene."""
+    objs = parse_grid(row["scene_tokens"])
+    assert all(o.shape != "unknown" for o in objs)
+    groups = _QUESTION_RES[row["qtype"]].fullmatch(row["prompt"]).groups()
+    if row["qtype"] == "count":
+        assert sum(o.shape == _SINGULAR[groups[0]] for o in objs) == _NUMBERS[row["answer"]]
+    elif row["qtype"] == "color":
+        (only,) = [o for o in objs if o.shape == groups[0]]
+        assert only.color == row["answer"]
+    elif row["qtype"] == "position":
+        (a,) = [o for o in objs if o.shape == groups[0]]
+        (b,) = [o for o in objs if o.shape == groups[1]]
+        assert {r.split()[0] for r in relative_position(a.bbox, b.bbox)} == {row["answer"]}
+    else:
+        present = any((o.color, o.shape) == groups for o in objs)
+        assert row["answer"] == ("yes" if present else "no")
+
+
+def test_vqa_datasets():
+    train = make_vqa_dataset("train", n=200, seed=1)
+    assert train.column_names == ["prompt", "scene_tokens", "answer", "qtype"]
+    assert train["answer"] == make_vqa_dataset("train", n=200, seed=1)["answer"]
+    assert set(train["qtype"]) == set(QTYPES)
+    assert set(train["answer"]) <= set(ANSWERS)
+    assert {a for a, q in zip(train["answer"], train["qtype"]) if q == "exist"} == {"yes", "no"}
+    assert {a for a, q in zip(train["answer"], train["qtype"]) if q == "position"} == {r.split()[0] for r in RELATIONS}
+    for row in train:
+        _check_answer(row)
+        assert scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
+
+    test = make_vqa_dataset("test", n=120, seed=1)
+    for row in test:
+        _check_answer(row)
+        safe = scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
+        asks_held_out = row["qtype"] == "exist" and tuple(_QUESTION_RES["exist"].fullmatch(row["prompt"]).groups()) in HELD_OUT_BINDINGS
+        assert not safe or asks_held_out, row["prompt"]
+    assert len(make_vqa_dataset("test", n=4, qtypes=["color"])) == 4
+    with pytest.raises(ValueError, match="question type"):
+        make_vqa_dataset("train", n=4, qtypes=["shape"])
+
+
+# ---- pictures ------------------------------------------------------------------------------------
+
+
+def test_grid_to_image_and_strip():
+    grid = render_scene(SceneSpec((ObjectSpec("square", "red"),)), 0)
+    img = grid_to_image(grid, scale=4)
+    assert img.size == (GRID * 4, GRID * 4) and img.mode == "RGB"
+    r, c = (grid == 1).nonzero()[0].tolist()
+    assert img.getpixel((c * 4 + 1, r * 4 + 1)) == tuple(round(v * 255) for v in palette_rgb()[1])
+    one_row = render_grid_strip([grid, grid.flatten().tolist()], labels=["before", "after"], scale=2)
+    no_labels = render_grid_strip([grid.tolist(), grid.numpy()], scale=2)
+    assert no_labels.size == (one_row.size[0], one_row.size[1] - 12)
+    two_rows = render_grid_strip([[grid, grid], [grid, grid]], row_labels=["seed 0", "seed 1"], scale=2)
+    cell, gap = GRID * 2, 4
+    assert one_row.size == (2 * cell + 3 * gap, cell + 2 * gap + 12)  # a caption line under the row
+    assert two_rows.size[1] == 2 * cell + 3 * gap and two_rows.size[0] > one_row.size[0]  # labels on the left
+    with pytest.raises(ValueError, match="labels"):
+        render_grid_strip([grid], labels=["a", "b"])
+    with pytest.raises(ValueError, match="scale"):
+        grid_to_image(grid, scale=0)

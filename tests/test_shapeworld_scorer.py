@@ -1,0 +1,273 @@
+"""ShapeWorld scorer and rewards: render→parse→score round trips and hand-drawn near misses."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from dflow_trl.data.shapes import TEMPLATES
+from dflow_trl.data.shapeworld import (
+    GRID,
+    TAGS,
+    all_prompts,
+    color_token,
+    parse_grid,
+    place_scene,
+    relative_position,
+    render_scene,
+    score_t2i,
+    spec_from_metadata,
+    summarize_by_tag,
+)
+from dflow_trl.rewards.shapeworld import shapeworld_answer, shapeworld_partial, shapeworld_strict
+
+# Hand-drawn grids: one letter per cell, "." for background.
+LETTERS = {"r": "red", "o": "orange", "y": "yellow", "g": "green", "c": "cyan", "b": "blue", "p": "purple", "k": "pink"}
+
+
+def draw(*rows: str) -> torch.Tensor:
+    """A grid from up to 16 rows of up to 16 letters (missing cells are background)."""
+    grid = torch.zeros(GRID, GRID, dtype=torch.long)
+    for r, line in enumerate(rows):
+        for c, ch in enumerate(line):
+            if ch != ".":
+                grid[r, c] = color_token(LETTERS[ch])
+    return grid
+
+
+def stamp(grid: torch.Tensor, shape: str, color: str, top: int, left: int) -> torch.Tensor:
+    for r, c in TEMPLATES[shape]:
+        grid[top + r, left + c] = color_token(color)
+    return grid
+
+
+def blank() -> torch.Tensor:
+    return torch.zeros(GRID, GRID, dtype=torch.long)
+
+
+def prompt(text: str) -> dict:
+    (m,) = [m for m in all_prompts() if m["prompt"] == text]
+    return m
+
+
+def scores(grid: torch.Tensor, text: str) -> tuple[float, float]:
+    strict, partial, _ = score_t2i(grid, prompt(text))
+    return strict, partial
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+
+
+def test_parse_hand_drawn_scene():
+    grid = draw(
+        "rrrr............",
+        "rrrr.....b......",
+        "rrrr....bbb.....",
+        "rrrr...bbbbb....",
+        "........bbb.....",
+        ".........b......",
+        "...y............",
+        "..yyy.......g...",
+        ".yyyyy......g...",
+        "yyyyyyy...ggggg.",
+        "............g...",
+        "..ppp.......g...",
+        ".ppppp..........",
+        ".ppppp..........",
+        ".ppppp.........k",
+        "..pp............",
+    )
+    found = {(o.shape, o.color, o.bbox) for o in parse_grid(grid)}
+    assert found == {
+        ("square", "red", (0, 0, 3, 3)),
+        ("diamond", "blue", (1, 7, 5, 11)),
+        ("triangle", "yellow", (6, 0, 9, 6)),
+        ("cross", "green", (7, 10, 11, 14)),
+        ("circle", "purple", (11, 1, 15, 5)),  # one cell short: within tolerance
+        ("unknown", "pink", (14, 15, 14, 15)),  # a stray cell
+    }
+
+
+def test_parse_flat_and_nested_inputs_agree():
+    grid = stamp(blank(), "circle", "cyan", 3, 4)
+    a = parse_grid(grid)
+    assert parse_grid(grid.flatten().tolist()) == a
+    assert parse_grid(grid.tolist()) == a
+    assert [(o.shape, o.color) for o in a] == [("circle", "cyan")]
+
+
+def test_touching_blobs_of_one_colour_merge_and_of_two_colours_do_not():
+    same = stamp(stamp(blank(), "square", "red", 2, 2), "square", "red", 2, 6)  # side by side, no gap
+    assert [o.shape for o in parse_grid(same)] == ["unknown"]
+    diagonal = stamp(stamp(blank(), "square", "red", 2, 2), "square", "red", 6, 6)  # corner contact
+    assert [o.shape for o in parse_grid(diagonal)] == ["unknown"]
+    two_colours = stamp(stamp(blank(), "square", "red", 2, 2), "square", "blue", 2, 6)
+    assert sorted((o.shape, o.color) for o in parse_grid(two_colours)) == [("square", "blue"), ("square", "red")]
+
+
+@pytest.mark.parametrize("shape", list(TEMPLATES))
+def test_one_cell_off_is_tolerated_two_are_not(shape):
+    grid = stamp(blank(), shape, "orange", 5, 5)
+    cells = sorted(TEMPLATES[shape])
+    one_off = grid.clone()
+    one_off[5 + cells[-1][0], 5 + cells[-1][1]] = 0
+    assert [o.shape for o in parse_grid(one_off)] == [shape]
+    assert [o.shape for o in parse_grid(one_off, tolerance=0)] == ["unknown"]
+    two_off = one_off.clone()
+    two_off[5 + cells[0][0], 5 + cells[0][1]] = 0
+    assert parse_grid(two_off)[0].shape != shape
+
+
+def test_bad_grids_raise():
+    with pytest.raises(ValueError, match="shape"):
+        parse_grid(torch.zeros(8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape"):
+        parse_grid([0] * 255)
+    with pytest.raises(ValueError, match="integer"):
+        parse_grid(torch.zeros(GRID, GRID))
+    with pytest.raises(ValueError, match="tokens must lie"):
+        parse_grid(torch.full((GRID, GRID), 99))
+
+
+# ---- round trip -------------------------------------------------------------------------------
+
+
+def test_every_prompt_renders_to_a_perfect_score():
+    """Every prompt of all six categories (1280), rendered at random places, scores 1 strictly."""
+    rng = random.Random(0)
+    seen = set()
+    for m in all_prompts():
+        grid = render_scene(spec_from_metadata(json.dumps(m), rng), rng)
+        strict, partial, details = score_t2i(grid, m)
+        assert (strict, partial) == (1.0, 1.0), (m["prompt"], details.failures)
+        seen.add(m["tag"])
+    assert seen == set(TAGS)
+
+
+def test_rendered_objects_parse_back_exactly():
+    rng = random.Random(1)
+    for m in rng.sample(all_prompts(), 200):
+        grid, placed = place_scene(spec_from_metadata(m, rng), rng)
+        assert sorted(parse_grid(grid), key=lambda o: o.bbox) == sorted(placed, key=lambda o: o.bbox)
+
+
+# ---- near misses, one category at a time -------------------------------------------------------
+
+
+def test_single_object():
+    assert scores(stamp(blank(), "triangle", "pink", 3, 3), "a photo of a triangle") == (1.0, 1.0)
+    assert scores(stamp(blank(), "diamond", "pink", 3, 3), "a photo of a triangle") == (0.0, 0.0)
+    assert scores(blank(), "a photo of a triangle") == (0.0, 0.0)
+
+
+def test_two_object():
+    both = stamp(stamp(blank(), "circle", "red", 1, 1), "cross", "blue", 9, 9)
+    assert scores(both, "a photo of a circle and a cross") == (1.0, 1.0)
+    missing = stamp(blank(), "circle", "red", 1, 1)
+    assert scores(missing, "a photo of a circle and a cross") == (0.0, 0.5)
+    wrong_shape = stamp(stamp(blank(), "circle", "red", 1, 1), "diamond", "blue", 9, 9)
+    assert scores(wrong_shape, "a photo of a circle and a cross") == (0.0, 0.5)
+
+
+def test_counting():
+    three = blank()
+    for top, left in ((0, 0), (0, 8), (8, 0)):
+        stamp(three, "square", "green", top, left)
+    assert scores(three, "a photo of three squares") == (1.0, 1.0)
+    # Three of four required squares, and "fewer than five" holds: 4 of 5 units.
+    assert scores(three, "a photo of four squares") == (0.0, 0.8)
+    # An extra square breaks "fewer than three": the count is exact, as GenEval's.
+    assert scores(three, "a photo of two squares") == (0.0, 2 / 3)
+    # Other shapes do not count, and same-coloured squares that touch are one unknown blob (here
+    # the new square joins the two on the left), leaving 1 of 3 squares, "fewer than four" holding.
+    mixed = stamp(stamp(three.clone(), "circle", "green", 9, 9), "square", "green", 4, 0)
+    assert [o.shape for o in parse_grid(mixed)].count("square") == 1
+    assert scores(mixed, "a photo of three squares") == (0.0, 2 / 4)
+
+
+def test_colors():
+    assert scores(stamp(blank(), "circle", "blue", 4, 4), "a photo of a blue circle") == (1.0, 1.0)
+    assert scores(stamp(blank(), "circle", "purple", 4, 4), "a photo of a blue circle") == (0.0, 0.5)
+    assert scores(stamp(blank(), "square", "blue", 4, 4), "a photo of a blue circle") == (0.0, 0.0)
+    # A blue circle anywhere satisfies it, even beside a circle of another colour.
+    two = stamp(stamp(blank(), "circle", "purple", 0, 0), "circle", "blue", 8, 8)
+    assert scores(two, "a photo of a blue circle") == (1.0, 1.0)
+
+
+def test_position():
+    left_right = stamp(stamp(blank(), "square", "red", 6, 1), "circle", "cyan", 6, 10)
+    assert scores(left_right, "a photo of a square left of a circle") == (1.0, 1.0)
+    assert scores(left_right, "a photo of a circle right of a square") == (1.0, 1.0)
+    assert scores(left_right, "a photo of a square right of a circle") == (0.0, 2 / 3)
+    assert scores(left_right, "a photo of a square above a circle") == (0.0, 2 / 3)
+    # Stacked with a small sideways shift: within GenEval's margin, so "above" but not "left of".
+    stacked = stamp(stamp(blank(), "square", "red", 1, 5), "circle", "cyan", 9, 6)
+    assert relative_position(parse_grid(stacked)[0].bbox, parse_grid(stacked)[1].bbox) == {"above"}
+    assert scores(stacked, "a photo of a square above a circle") == (1.0, 1.0)
+    assert scores(stacked, "a photo of a square left of a circle") == (0.0, 2 / 3)
+    # No reference object: presence of the square only.
+    alone = stamp(blank(), "square", "red", 6, 1)
+    assert scores(alone, "a photo of a square left of a circle") == (0.0, 1 / 3)
+
+
+def test_color_attr():
+    good = stamp(stamp(blank(), "square", "red", 1, 1), "triangle", "blue", 10, 6)
+    assert scores(good, "a photo of a red square and a blue triangle") == (1.0, 1.0)
+    swapped = stamp(stamp(blank(), "square", "blue", 1, 1), "triangle", "red", 10, 6)
+    assert scores(swapped, "a photo of a red square and a blue triangle") == (0.0, 0.5)
+    one_wrong = stamp(stamp(blank(), "square", "red", 1, 1), "triangle", "green", 10, 6)
+    assert scores(one_wrong, "a photo of a red square and a blue triangle") == (0.0, 0.75)
+
+
+def test_details_and_metadata_errors():
+    _, _, details = score_t2i(stamp(blank(), "circle", "purple", 4, 4), prompt("a photo of a blue circle"))
+    assert [(c.kind, c.met, c.total) for c in details.checks] == [("count", 1, 1), ("color", 0, 1)]
+    assert details.failures == ["at least 1 blue circle: 0/1"]
+    grid = blank()
+    with pytest.raises(ValueError, match="unknown tag"):
+        score_t2i(grid, {"tag": "style", "include": [{"class": "square", "count": 1}]})
+    with pytest.raises(ValueError, match="unknown shape"):
+        score_t2i(grid, {"tag": "single_object", "include": [{"class": "dog", "count": 1}]})
+    with pytest.raises(ValueError, match="unknown colour"):
+        score_t2i(grid, {"tag": "colors", "include": [{"class": "square", "count": 1, "color": "teal"}]})
+    with pytest.raises(ValueError, match="earlier entry"):
+        score_t2i(grid, {"tag": "position", "include": [{"class": "square", "count": 1, "position": ["above", 0]}]})
+    with pytest.raises(ValueError, match="JSON"):
+        score_t2i(grid, "{not json")
+
+
+def test_summarize_by_tag():
+    out = summarize_by_tag(["colors", "colors", "position"], [1.0, 0.0, 1.0])
+    assert out == {"colors": 0.5, "position": 1.0, "overall": 0.75}
+    with pytest.raises(ValueError):
+        summarize_by_tag(["colors"], [])
+
+
+# ---- reward functions ---------------------------------------------------------------------------
+
+
+def test_t2i_rewards_with_trl_signature():
+    metas = [json.dumps(prompt("a photo of a blue circle")), json.dumps(prompt("a photo of a blue circle"))]
+    good = stamp(blank(), "circle", "blue", 4, 4).flatten().tolist()
+    near = stamp(blank(), "circle", "red", 4, 4).flatten()  # a tensor row works too
+    kwargs = {"prompts": ["a photo of a blue circle"] * 2, "completions": [None, None], "completion_ids": [good, near]}
+    assert shapeworld_strict(**kwargs, metadata=metas, trainer_state=None) == [1.0, 0.0]
+    assert shapeworld_partial(**kwargs, metadata=metas) == [1.0, 0.5]
+    with pytest.raises(ValueError, match="metadata"):
+        shapeworld_strict(**kwargs)
+    with pytest.raises(ValueError, match="2 completions but 1"):
+        shapeworld_partial(**kwargs, metadata=metas[:1])
+    with pytest.raises(ValueError, match="shape"):
+        shapeworld_strict(prompts=[""], completions=[None], completion_ids=[[0] * 10], metadata=metas[:1])
+
+
+def test_answer_reward():
+    completions = ["Three", "two <pad>", "left.", [{"role": "assistant", "content": "yes"}], "red blue", "4"]
+    answers = ["three", "three", "left", "yes", "red", "four"]
+    got = shapeworld_answer(prompts=[""] * 6, completions=completions, completion_ids=[[]] * 6, answer=answers)
+    assert got == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="answer"):
+        shapeworld_answer(prompts=[""], completions=["yes"], completion_ids=[[]])
