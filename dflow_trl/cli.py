@@ -1,0 +1,153 @@
+"""``dflow-trl`` command line: ``train`` (TrlParser + YAML recipes), ``demo`` and ``reward-server``.
+
+    dflow-trl train --config recipes/shapeworld_t2i_cpu.yaml [--learning_rate 1e-4 ...]
+    accelerate launch -m dflow_trl.cli train --config recipe.yaml
+    dflow-trl demo [--output-dir DIR] [--task t2i|understanding]
+    dflow-trl reward-server --reward pickscore --port 8000
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+BUILTIN_DATASETS = ("shapeworld-t2i", "shapeworld-vqa")
+BUILTIN_MODELS = ("shapeworld",)
+
+
+@dataclass
+class DFlowScriptArguments:
+    """Script arguments of ``dflow-trl train`` (the model comes from ``ModelConfig.model_name_or_path``).
+
+    ``dataset_name`` is a built-in task (``shapeworld-t2i``, ``shapeworld-vqa``), a folder saved with
+    ``Dataset.save_to_disk``, or a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file; it needs a
+    ``prompt`` column. ``model_name_or_path`` may be ``shapeworld`` (the shipped model) or a local folder.
+    """
+
+    dataset_name: str = field(default="shapeworld-t2i", metadata={"help": "Built-in task, saved dataset or data file."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["shapeworld_partial"],
+        metadata={"help": "Reward functions: registry names (see dflow_trl.rewards) or dotted import paths."},
+    )
+    task: str | None = field(default=None, metadata={"help": "Model task: 't2i' or 'understanding'."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    push_adapter_to_hub: bool = field(default=False, metadata={"help": "Push the result with trainer.push_to_hub()."})
+
+
+def make_parser() -> Any:
+    from trl import ModelConfig, TrlParser
+
+    from .trainer import DFlowGRPOConfig
+
+    return TrlParser((DFlowScriptArguments, DFlowGRPOConfig, ModelConfig))
+
+
+def load_prompt_dataset(name: str, split: str) -> Any:
+    """A prompt dataset by built-in name, saved folder or local data file (never from a hub)."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    if name == "shapeworld-t2i":
+        from .data import make_t2i_dataset
+
+        return make_t2i_dataset(split)
+    if name == "shapeworld-vqa":
+        from .data import make_vqa_dataset
+
+        return make_vqa_dataset(split)
+    if os.path.isdir(name):
+        ds = load_from_disk(name)
+        return ds[split] if isinstance(ds, DatasetDict) else ds
+    ext = os.path.splitext(name)[1].lstrip(".")
+    if os.path.isfile(name) and ext in ("json", "jsonl", "csv", "parquet"):
+        ds = load_dataset("json" if ext == "jsonl" else ext, data_files={split: name}, split=split)
+        assert isinstance(ds, Dataset)
+        return ds
+    raise ValueError(
+        f"dataset {name!r} not found: use one of {', '.join(BUILTIN_DATASETS)}, a folder written by "
+        "Dataset.save_to_disk, or a local .json/.jsonl/.csv/.parquet file (nothing is downloaded)"
+    )
+
+
+def resolve_model_path(name: str | None) -> str:
+    if name in (None, "", *BUILTIN_MODELS):
+        from .models.pretrained import SHAPEWORLD_DIR
+
+        return str(SHAPEWORLD_DIR)
+    if not os.path.isdir(name):
+        raise ValueError(f"model {name!r} is not a local folder; models are never downloaded here")
+    return name
+
+
+def train(argv: list[str] | None = None) -> int:
+    """``dflow-trl train``: the GRPO script of TRL, for discrete flow models."""
+    from trl import get_peft_config, get_quantization_config
+
+    from .models import load_flow_model, load_processing_class
+    from .rewards import get_reward_function
+    from .trainer import DFlowGRPOTrainer
+
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    path = resolve_model_path(model_args.model_name_or_path)
+    kwargs: dict[str, Any] = {}
+    if model_args.dtype not in (None, "auto"):
+        import torch
+
+        kwargs["dtype"] = getattr(torch, model_args.dtype)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    model = load_flow_model(path, quantization_config=get_quantization_config(model_args), **kwargs)
+    if script_args.task:
+        model.set_task(script_args.task)
+    tokenizer = load_processing_class(path)
+    train_ds = load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split)
+    if script_args.max_train_samples:
+        train_ds = train_ds.select(range(min(script_args.max_train_samples, len(train_ds))))
+    eval_ds = None
+    if training_args.eval_strategy != "no":
+        eval_ds = load_prompt_dataset(script_args.dataset_name, script_args.dataset_test_split)
+    rewards = [get_reward_function(spec) for spec in script_args.reward_funcs]
+    trainer = DFlowGRPOTrainer(
+        model=model,
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.create_model_card(dataset_name=script_args.dataset_name)
+    if training_args.push_to_hub or script_args.push_adapter_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    usage = "usage: dflow-trl {train,demo,reward-server} [options]  (dflow-trl COMMAND --help for details)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip() + "\n\n" + usage)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        return train(rest)
+    if command == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "reward-server":
+        from .rewards.server import main as server_main
+
+        return server_main(rest)
+    print(f"dflow-trl: unknown command {command!r}\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
