@@ -92,16 +92,17 @@ def train(argv: list[str] | None = None) -> int:
 
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     path = resolve_model_path(model_args.model_name_or_path)
-    kwargs: dict[str, Any] = {}
-    if model_args.dtype not in (None, "auto"):
+    kwargs: dict[str, Any] = dict(training_args.model_init_kwargs or {})
+    if model_args.dtype not in (None, "auto", "float32"):
         import torch
 
-        kwargs["dtype"] = getattr(torch, model_args.dtype)
+        kwargs.setdefault("dtype", getattr(torch, model_args.dtype))
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    model = load_flow_model(path, quantization_config=get_quantization_config(model_args), **kwargs)
     if script_args.task:
-        model.set_task(script_args.task)
+        kwargs["task"] = script_args.task
+    model = load_flow_model(path, quantization_config=get_quantization_config(model_args), **kwargs)
+    training_args.model_init_kwargs = None  # consumed above; TRL would warn that they are ignored
     tokenizer = load_processing_class(path)
     train_ds = load_prompt_dataset(script_args.dataset_name, script_args.dataset_train_split)
     if script_args.max_train_samples:

@@ -4,13 +4,26 @@ from .base import DiscreteFlowModelMixin, FlowInputs, check_flow_model
 from .dfm_transformer import DFMTransformer, DFMTransformerConfig, build_path
 from .loading import load_flow_model, load_processing_class
 
+
+def __getattr__(name: str):
+    # FUDOKI pulls in transformers' Janus classes: import it only when asked for.
+    if name in ("FudokiForFlow", "FudokiCheckpointError", "is_fudoki_checkpoint"):
+        from . import fudoki, fudoki_checkpoint
+
+        return getattr(fudoki, name, None) or getattr(fudoki_checkpoint, name)
+    raise AttributeError(name)
+
+
 __all__ = [
     "DFMTransformer",
     "DFMTransformerConfig",
     "DiscreteFlowModelMixin",
     "FlowInputs",
+    "FudokiCheckpointError",
+    "FudokiForFlow",
     "build_path",
     "check_flow_model",
+    "is_fudoki_checkpoint",
     "load_flow_model",
     "load_processing_class",
 ]

@@ -32,7 +32,7 @@ def load_flow_model(path: str, quantization_config: Any = None, **kwargs: Any) -
         kwargs["quantization_config"] = quantization_config
     if kind == DFMTransformerConfig.model_type:
         return DFMTransformer.from_pretrained(path, **kwargs)
-    if kind == "multi_modality":
+    if kind in ("multi_modality", "janus"):  # FUDOKI's own layout, or one saved by FudokiForFlow
         from .fudoki import FudokiForFlow
 
         return FudokiForFlow.from_pretrained(path, **kwargs)
@@ -44,6 +44,10 @@ def load_flow_model(path: str, quantization_config: Any = None, **kwargs: Any) -
 
 def load_processing_class(path: str) -> Any:
     """The tokenizer saved beside the model (``None`` if there is none)."""
+    if _model_type(path) == "multi_modality":
+        from .fudoki_checkpoint import load_tokenizer
+
+        return load_tokenizer(path)
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError):
