@@ -272,3 +272,38 @@ def test_pinned_trl_base_methods_are_unchanged():
         if got != digest:
             drift[name] = got
     assert not drift, f"GRPOTrainer methods changed: {drift}"
+
+
+def test_qlora_4bit_trains_adapters_on_cpu(tmp_path):
+    """QLoRA: the saved model is loaded in 4-bit (bitsandbytes NF4) through `quantization_config`."""
+    from transformers import BitsAndBytesConfig
+
+    from dflow_trl.models import DFMTransformer, DFMTransformerConfig
+
+    cfg = tiny_model("metric").config.to_dict()
+    cfg.update(hidden_size=128, intermediate_size=256)
+    DFMTransformer(DFMTransformerConfig(**cfg)).save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    trainer = DFlowGRPOTrainer(
+        model=str(tmp_path / "m"), reward_funcs=count_reward, args=make_args(tmp_path, beta=0.05, learning_rate=5e-2),
+        train_dataset=prompt_dataset(8), quantization_config=quant,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
+    )
+    assert trainer.model.get_base_model().is_loaded_in_4bit
+    assert type(trainer.model.get_base_model().layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    before = _params(trainer.model)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert max((after[n] - p).abs().max().item() for n, p in before.items()) > 0
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_sample_images_are_collected_and_flushed_at_logging(tmp_path, monkeypatch):
+    import dflow_trl.trainer.dflow_grpo_trainer as mod
+
+    sent = []
+    monkeypatch.setattr(mod, "_log_images", lambda trainer, images: sent.append(images))
+    trainer = make_trainer(tmp_path, max_steps=1, log_sample_images=3)
+    trainer.train()
+    assert len(sent) == 1 and len(sent[0]) == 3 and all(img.size == (3, 2) for img in sent[0])
