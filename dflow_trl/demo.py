@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # Tuned on a 2-core CPU to finish in ≤ 5 minutes, evaluations included (docs/shapeworld.md).
     "t2i": dict(
@@ -79,21 +81,16 @@ def _balanced_train_prompts(seed: int, per_tag: int = 64) -> Any:
     return concatenate_datasets(parts).shuffle(seed=seed)
 
 
-class _TimeBudget:
+class TimeBudgetCallback(TrainerCallback):
     """Stop training once the wall-clock budget is spent (checked after every optimizer step)."""
 
     def __init__(self, seconds: float) -> None:
-        from transformers import TrainerCallback
-
         self.deadline = time.perf_counter() + seconds
 
-        class _Cb(TrainerCallback):
-            def on_step_end(cb_self, args, state, control, **kwargs):  # noqa: N805
-                if time.perf_counter() > self.deadline:
-                    control.should_training_stop = True
-                return control
-
-        self.callback = _Cb()
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if time.perf_counter() > self.deadline:
+            control.should_training_stop = True
+        return control
 
 
 def _evaluate(task: str, model: Any, tok: Any, data: Any, steps: int, seed: int) -> dict[str, Any]:
@@ -204,7 +201,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         disable_tqdm=False,
     )
-    budget = _TimeBudget(cfg["train_minutes"] * 60)
     trainer = DFlowGRPOTrainer(
         model=model,
         reward_funcs=get_reward_function(cfg["reward"]),
@@ -215,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], lora_dropout=0.0,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ),
-        callbacks=[budget.callback],
+        callbacks=[TimeBudgetCallback(cfg["train_minutes"] * 60)],
     )
     print(f"[demo] dFlowGRPO with LoRA for up to {cfg['train_minutes']:.1f} min …")
     t_train = time.perf_counter()
