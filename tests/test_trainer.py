@@ -307,3 +307,13 @@ def test_sample_images_are_collected_and_flushed_at_logging(tmp_path, monkeypatc
     trainer = make_trainer(tmp_path, max_steps=1, log_sample_images=3)
     trainer.train()
     assert len(sent) == 1 and len(sent[0]) == 3 and all(img.size == (3, 2) for img in sent[0])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    norms = []
+    for gc in (False, True):
+        trainer = make_trainer(tmp_path / str(gc), max_steps=1, gradient_checkpointing=gc)
+        trainer.train()
+        assert trainer.model.gradient_checkpointing is gc
+        norms.append(trainer.state.log_history[0]["grad_norm"])
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
