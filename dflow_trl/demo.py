@@ -143,7 +143,8 @@ def _reward_curve(history: list[dict[str, Any]], out: Path, key: str) -> None:
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The demo; ``base`` (a previous base evaluation on the same prompts and seed) skips re-scoring it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     t_start = time.perf_counter()
@@ -172,8 +173,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         eval_data = make_vqa_dataset("test", n=args.eval_questions, seed=args.seed)
         train_data = make_vqa_dataset("train", n=2000, seed=args.seed)
-    print(f"[demo] scoring the shipped base on {len(eval_data)} held-out {'prompts' if task == 't2i' else 'questions'} …")
-    base = _evaluate(task, model, tok, eval_data, cfg["eval_steps"], args.seed)
+    if base is None:
+        print(f"[demo] scoring the base on {len(eval_data)} held-out {'prompts' if task == 't2i' else 'questions'} …")
+        base = _evaluate(task, model, tok, eval_data, cfg["eval_steps"], args.seed)
     headline = "strict" if task == "t2i" else "accuracy"
     print(f"[demo] base held-out {headline}: {base[headline]:.3f}")
 

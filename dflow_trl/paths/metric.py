@@ -39,7 +39,8 @@ class MetricInducedPath(ProbabilityPath):
         embeddings: ``(V, E)`` tensor (or ``nn.Embedding``) defining the metric; rows are
             L2-normalised here.
         c, a: schedule ``β_t = c (t/(1-t))^a`` (FUDOKI: 3.0, 0.9).
-        chunk_elements: upper bound on the size of temporary ``(pairs, V)`` blocks.
+        chunk_elements: upper bound on the size of temporary ``(pairs, V)`` blocks (default 2^22 on
+            CPU, 2^27 on GPU, where many small launches would dominate).
         dtype: compute dtype; float64 by default up to V = 4096 (tests compare to 1e-6), else float32.
     """
 
@@ -48,7 +49,7 @@ class MetricInducedPath(ProbabilityPath):
         embeddings: torch.Tensor | torch.nn.Embedding,
         c: float = 3.0,
         a: float = 0.9,
-        chunk_elements: int = 1 << 22,
+        chunk_elements: int | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         if isinstance(embeddings, torch.nn.Embedding):
@@ -68,7 +69,7 @@ class MetricInducedPath(ProbabilityPath):
             raise ValueError(f"schedule needs c > 0 and a > 0, got c={c}, a={a}")
         self.vocab_size = emb.shape[0]
         self.c, self.a = float(c), float(a)
-        self.chunk_elements = int(chunk_elements)
+        self.chunk_elements = chunk_elements
         self.dtype = dtype or (torch.float64 if self.vocab_size <= 4096 else torch.float32)
         self.unit = F.normalize(emb.to(self.dtype), dim=-1)
         self.exact_is_cheap = self.vocab_size <= 512
@@ -104,7 +105,8 @@ class MetricInducedPath(ProbabilityPath):
         return (2 - 2 * (u[x] * u[x1]).sum(-1)).clamp_min(0) ** 2
 
     def _chunk(self, per_row: int) -> int:
-        return max(1, self.chunk_elements // max(per_row, 1))
+        budget = self.chunk_elements or (1 << 27 if self.unit.is_cuda else 1 << 22)
+        return max(1, budget // max(per_row, 1))
 
     def log_normalizer(self, x1: torch.Tensor, t: float) -> torch.Tensor:
         """``log Z(x1) = log Σ_y exp(-β_t d(y, x1))`` for a flat tensor of ids."""
