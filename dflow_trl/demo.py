@@ -247,8 +247,8 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         "config": {**cfg, "seed": args.seed},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"[demo] wrote {out}/results.json, reward_curve.png, samples_before_after.png, adapter/ "
-          f"in {results['wall_seconds']:.0f} s")
+    picture = ", samples_before_after.png" if task == "t2i" else ""
+    print(f"[demo] wrote {out}/results.json, reward_curve.png{picture}, adapter/ in {results['wall_seconds']:.0f} s")
     return results
 
 

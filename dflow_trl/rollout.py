@@ -12,11 +12,23 @@ from .paths.base import ProbabilityPath
 from .sampling import Trajectory, sample_trajectory
 
 
-def flow_logits(model: Any, batch: FlowInputs, canvas: torch.LongTensor, unconditional: bool = False) -> torch.Tensor:
+def wants_flow_time(model: Any) -> bool:
+    """Whether ``model`` (possibly wrapped by DDP or PEFT) is time-conditioned."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return bool(getattr(inner, "wants_flow_time", False))
+
+
+def flow_logits(
+    model: Any, batch: FlowInputs, canvas: torch.LongTensor, unconditional: bool = False, t: float | None = None
+) -> torch.Tensor:
     """``(B, D, V)`` posterior logits of ``model`` (called through its ``forward``, so DDP/PEFT wrappers
-    see the call) for ``batch`` with the canvas set to ``canvas``."""
+    see the call) for ``batch`` with the canvas set to ``canvas``; time-conditioned models get ``t``."""
     ids = batch.with_canvas(canvas, unconditional=unconditional)
-    return model(input_ids=ids, attention_mask=batch.attention_mask, canvas_mask=batch.canvas_mask, **batch.extra)
+    extra = dict(batch.extra)
+    if wants_flow_time(model):
+        extra["flow_time"] = t
+    return model(input_ids=ids, attention_mask=batch.attention_mask, canvas_mask=batch.canvas_mask, **extra)
 
 
 @torch.no_grad()
@@ -46,10 +58,10 @@ def rollout(
         parts.append(
             sample_trajectory(
                 path,
-                lambda x, t, sub=sub: flow_logits(model, sub, x),
+                lambda x, t, sub=sub: flow_logits(model, sub, x, t=t),
                 x0,
                 num_steps=num_steps,
-                uncond_logits_fn=(lambda x, t, sub=sub: flow_logits(model, sub, x, unconditional=True)),
+                uncond_logits_fn=(lambda x, t, sub=sub: flow_logits(model, sub, x, unconditional=True, t=t)),
                 cfg_scale=cfg_scale,
                 temperature=temperature,
                 num_draws=estimator.num_draws if estimator else 0,

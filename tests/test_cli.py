@@ -61,3 +61,10 @@ def test_unknown_dataset_and_command_fail_clearly(tmp_path):
         load_prompt_dataset("someone/some-hub-dataset", "train")
     assert main(["fly"]) == 2
     assert main(["--help"]) == 0
+
+
+def test_shipped_cpu_recipe_runs(tmp_path):
+    """recipes/shapeworld_t2i_cpu.yaml trains the shipped model (2 steps here, to keep the suite fast)."""
+    recipe = os.path.join(os.path.dirname(__file__), "..", "recipes", "shapeworld_t2i_cpu.yaml")
+    assert main(["train", "--config", recipe, "--max_steps", "2", "--output_dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -317,3 +317,18 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         assert trainer.model.gradient_checkpointing is gc
         norms.append(trainer.state.log_history[0]["grad_norm"])
     assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+
+
+def test_time_conditioned_model_gets_the_step_time(tmp_path):
+    """A time-conditioned DFMTransformer sees t_k in rollouts and in scoring: the first pass is on-policy."""
+    model = tiny_model("uniform", time_conditioning=True)
+    batch = model.prepare_flow_inputs(["a red square"], tiny_tokenizer())
+    with pytest.raises(ValueError, match="flow_time"):
+        model(batch.input_ids, batch.attention_mask, canvas_mask=batch.canvas_mask)
+    a = model(batch.input_ids, batch.attention_mask, canvas_mask=batch.canvas_mask, flow_time=0.1)
+    b = model(batch.input_ids, batch.attention_mask, canvas_mask=batch.canvas_mask, flow_time=0.9)
+    assert not torch.allclose(a, b)
+    trainer = make_trainer(tmp_path, model=model, estimator="exact", num_iterations=2, max_steps=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[0]["flow/abs_log_ratio/step_1"] < 1e-5  # rollout and scoring agree on t

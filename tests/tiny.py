@@ -28,7 +28,9 @@ def path_spec(kind: str) -> dict:
     return {"type": kind, "exponent": 1.0}
 
 
-def tiny_model(path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i") -> DFMTransformer:
+def tiny_model(
+    path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i", time_conditioning: bool = False
+) -> DFMTransformer:
     torch.manual_seed(seed)
     image_vocab = IMAGE_VOCAB + (1 if path == "mask" else 0)
     spec = path_spec(path)
@@ -47,6 +49,7 @@ def tiny_model(path: str = "metric", seed: int = 0, image_shape=(2, 3), task: st
         image_path=spec,
         text_path={"type": "mask"},
         task=task,
+        time_conditioning=time_conditioning,
     )
     return DFMTransformer(cfg)
 

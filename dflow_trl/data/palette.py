@@ -4,12 +4,13 @@ An image is a ``GRID × GRID`` grid of palette tokens. Token 0 is the background
 is a named, saturated colour. A token's embedding *is* its colour, so a metric-induced path over
 these embeddings moves through colour space.
 
-Embedding choice: plain RGB in [0, 1], shape ``(V, 3)``. ``MetricInducedPath`` L2-normalises the
-rows, which discards brightness and keeps only chromaticity, so (a) the background is dark grey
-(0.1, 0.1, 0.1), not black, whose zero row could not be normalised, and (b) the object colours are
-saturated (smallest channel ≈ 0), which keeps them far from the grey direction and from each
-other: after normalisation every pair of rows is at least 0.33 apart (orange–yellow being the
-closest), and the background is at least 0.48 from every colour.
+Embedding choice: centred RGB, ``rgb - 0.5``, shape ``(V, 3)``. ``MetricInducedPath``
+L2-normalises the rows, which keeps only the direction. In plain RGB the dark-grey background
+would point along the grey diagonal, next to the least saturated colours (pink would sit at a
+metric distance ``d = ‖ê−ê'‖⁴`` of only 0.055 from it, so background/object would be the *last*
+thing the path resolves). Centred, the background points to the dark corner, opposite the bright
+saturated colours: every colour is at ``d ≥ 1.0`` from the background, any two colours at
+``d ≥ 0.08`` (orange–yellow the closest), so the path settles the silhouette first, then the hue.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def palette_rgb() -> list[tuple[float, float, float]]:
 
 
 def palette_embeddings() -> torch.Tensor:
-    """``(V, 3)`` float32 RGB in [0, 1]: the token embeddings a metric-induced path runs on."""
-    return torch.tensor(palette_rgb(), dtype=torch.float32)
+    """``(V, 3)`` float32 centred RGB (``rgb − 0.5``): the token embeddings a metric-induced path runs on."""
+    return torch.tensor(palette_rgb(), dtype=torch.float32) - 0.5
 
 
 def color_token(name: str) -> int:
@@ -84,7 +85,7 @@ def grid_to_image(grid: object, scale: int = 8) -> Image.Image:
     if scale < 1:
         raise ValueError(f"scale must be >= 1, got {scale}")
     g = as_grid(grid)
-    lut = (palette_embeddings() * 255).round().to(torch.uint8)
+    lut = (torch.tensor(palette_rgb()) * 255).round().to(torch.uint8)
     rgb = lut[g]  # (GRID, GRID, 3)
     rgb = rgb.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     return Image.fromarray(rgb.numpy(), mode="RGB")

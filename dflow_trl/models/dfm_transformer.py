@@ -47,6 +47,9 @@ class DFMTransformerConfig(PretrainedConfig):
         palette: RGB (0-255) per image token, for decoding image canvases to PIL images.
         image_column: dataset column holding the condition image tokens for understanding.
         task: default task, ``"t2i"`` or ``"understanding"``.
+        time_conditioning: add an embedding of the flow time t to every position (FUDOKI is not
+            time-conditioned; a small model is much better at denoising when told t). The
+            trainer and samplers then pass ``flow_time`` to ``forward``.
     """
 
     model_type = "dfm_transformer"
@@ -69,6 +72,7 @@ class DFMTransformerConfig(PretrainedConfig):
         palette: list[list[int]] | None = None,
         image_column: str = "scene_tokens",
         task: Task = "t2i",
+        time_conditioning: bool = False,
         pad_token_id: int = 0,
         sep_token_id: int = 1,
         uncond_token_id: int = 2,
@@ -92,6 +96,7 @@ class DFMTransformerConfig(PretrainedConfig):
         self.palette = palette
         self.image_column = image_column
         self.task = task
+        self.time_conditioning = bool(time_conditioning)
         self.sep_token_id = sep_token_id
         self.uncond_token_id = uncond_token_id
         self.mask_token_id = mask_token_id
@@ -157,6 +162,11 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         llama = config.llama_config()
         self.embed_tokens = nn.Embedding(llama.vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.time_mlp = (
+            nn.Sequential(nn.Linear(TIME_FEATURES, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, config.hidden_size))
+            if config.time_conditioning
+            else None
+        )
         self.layers = nn.ModuleList([LlamaDecoderLayer(llama, layer_idx=i) for i in range(config.num_hidden_layers)])
         for layer in self.layers:
             layer.self_attn.is_causal = False
@@ -264,16 +274,18 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         input_ids: torch.LongTensor,
         attention_mask: torch.LongTensor | None = None,
         canvas_mask: torch.BoolTensor | None = None,
+        flow_time: torch.Tensor | float | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Canvas posterior logits ``(B, D, V)`` when ``canvas_mask`` is given (canvas positions hold
-        canvas ids), else the final hidden states ``(B, L, H)`` of already-embedded-space ids."""
+        canvas ids), else the final hidden states ``(B, L, H)`` of already-embedded-space ids.
+        ``flow_time`` (scalar or ``(B,)``) is required, and only used, with ``time_conditioning``."""
         if canvas_mask is None:
-            return self._hidden(input_ids, attention_mask)
+            return self._hidden(input_ids, attention_mask, flow_time)
         ids = input_ids
         if self.task == "t2i":
             ids = torch.where(canvas_mask, input_ids + self.config.text_vocab_size, input_ids)
-        hidden = self._hidden(ids, attention_mask)
+        hidden = self._hidden(ids, attention_mask, flow_time)
         canvas_h = hidden[canvas_mask].view(input_ids.shape[0], -1, hidden.shape[-1])
         head = self.image_head if self.task == "t2i" else self.text_head
         logits = head(canvas_h).float()
@@ -283,12 +295,19 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             logits = logits.index_fill(-1, torch.tensor([path.mask_token_id], device=logits.device), float("-inf"))
         return logits
 
-    def _hidden(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None) -> torch.Tensor:
+    def _hidden(
+        self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None, flow_time: Any = None
+    ) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         h = h + self.embed_positions(positions)
+        if self.time_mlp is not None:
+            if flow_time is None:
+                raise ValueError("this DFMTransformer is time-conditioned: pass flow_time (t of x_t) to forward")
+            t = torch.as_tensor(flow_time, dtype=h.dtype, device=h.device).reshape(-1).expand(h.shape[0])
+            h = h + self.time_mlp(_time_features(t)).unsqueeze(1)
         mask = create_bidirectional_mask(
             config=self._llama_config, inputs_embeds=h, attention_mask=attention_mask.bool(), allow_is_bidirectional_skip=False
         )
@@ -302,6 +321,10 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
 
     def canvas_logits(self, input_ids, attention_mask, canvas_mask, **extra):
         return self.forward(input_ids, attention_mask, canvas_mask=canvas_mask, **extra)
+
+    @property
+    def wants_flow_time(self) -> bool:
+        return bool(self.config.time_conditioning)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -322,6 +345,16 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         lut = torch.tensor(palette, dtype=torch.uint8)
         rgb = lut[canvas.cpu().clamp(0, len(palette) - 1)].view(-1, h, w, 3).numpy()
         return [Image.fromarray(img, mode="RGB") for img in rgb]
+
+
+TIME_FEATURES = 32
+
+
+def _time_features(t: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal features of ``t ∈ [0, 1]``: ``(B, TIME_FEATURES)``."""
+    freqs = torch.exp(torch.linspace(0, 6, TIME_FEATURES // 2, device=t.device, dtype=t.dtype))
+    angles = t[:, None] * freqs[None] * torch.pi
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 def _gray_palette(n: int) -> list[list[int]]:

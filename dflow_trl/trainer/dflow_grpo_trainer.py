@@ -31,7 +31,7 @@ from ..likelihood import get_estimator
 from ..models.base import FlowInputs, check_flow_model
 from ..models.loading import load_flow_model, load_processing_class
 from ..rewards.combine import checked_reward
-from ..rollout import rollout
+from ..rollout import flow_logits, rollout
 from ..sampling import StepRecord, guided_log_probs
 from .config import DFlowGRPOConfig
 
@@ -272,22 +272,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
                     rows["flow_uncond_input_ids"][i] if "flow_uncond_input_ids" in rows else None,
                     {key[len("flow_extra_") :]: v[i] for key, v in rows.items() if key.startswith("flow_extra_")},
                 )
-                cond = model(
-                    input_ids=batch.with_canvas(record.x_t),
-                    attention_mask=batch.attention_mask,
-                    canvas_mask=batch.canvas_mask,
-                    **batch.extra,
-                )
-                uncond = None
-                if cfg != 0:
-                    uncond = model(
-                        input_ids=batch.with_canvas(record.x_t, unconditional=True),
-                        attention_mask=batch.attention_mask,
-                        canvas_mask=batch.canvas_mask,
-                        **batch.extra,
-                    )
-                log_post = guided_log_probs(cond, uncond, cfg, self.args.flow_temperature)
                 t, h = float(times[k]), float(times[k + 1] - times[k])
+                t_in = 0.0 if posterior_only else t
+                cond = flow_logits(model, batch, record.x_t, t=t_in)
+                uncond = flow_logits(model, batch, record.x_t, unconditional=True, t=t_in) if cfg != 0 else None
+                log_post = guided_log_probs(cond, uncond, cfg, self.args.flow_temperature)
                 per_pos = self.estimator.step_log_prob(self.flow_path, record, log_post, t, h).float()
                 agg = per_pos.mean(-1) if self.args.step_aggregation == "mean" else per_pos.sum(-1)
                 logps[i, j] = agg

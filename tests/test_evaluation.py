@@ -1,0 +1,94 @@
+"""Evaluation helpers on a tiny random ShapeWorld-shaped model (well-formed output, input checks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dflow_trl.data import (
+    ANSWER_LENGTH,
+    GRID,
+    MAX_TEXT_LENGTH,
+    QTYPES,
+    TAGS,
+    build_shapeworld_tokenizer,
+    make_t2i_dataset,
+    make_vqa_dataset,
+    palette_embeddings,
+)
+from dflow_trl.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
+from dflow_trl.models import DFMTransformer, DFMTransformerConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_shapeworld_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    cfg = DFMTransformerConfig(
+        text_vocab_size=len(tokenizer),
+        image_vocab_size=9,
+        image_shape=(GRID, GRID),
+        text_canvas_length=ANSWER_LENGTH,
+        max_prompt_length=MAX_TEXT_LENGTH,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_path={"type": "metric", "c": 3.0, "a": 0.9, "embeddings": palette_embeddings().tolist()},
+        text_path={"type": "mask"},
+        pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+        uncond_token_id=tokenizer.convert_tokens_to_ids("<uncond>"),
+        mask_token_id=tokenizer.mask_token_id,
+    )
+    return DFMTransformer(cfg).eval()
+
+
+def test_balanced_set_has_equal_categories():
+    ds = balanced_t2i_eval_set("test", per_tag=7, seed=1)
+    assert len(ds) == 7 * len(TAGS)
+    assert all(ds["tag"].count(t) == 7 for t in TAGS)
+    # Deterministic for a seed; prompts come from the asked split only.
+    assert ds["prompt"] == balanced_t2i_eval_set("test", per_tag=7, seed=1)["prompt"]
+    assert set(ds["prompt"]) <= set(make_t2i_dataset("test")["prompt"])
+    with pytest.raises(ValueError, match="per_tag"):
+        balanced_t2i_eval_set(per_tag=0)
+
+
+def test_evaluate_t2i_is_well_formed_and_restores_task(model, tokenizer):
+    ds = balanced_t2i_eval_set("test", per_tag=2)
+    model.set_task("understanding")
+    out = evaluate_t2i(model, tokenizer, ds, num_steps=3, seeds=(0, 1), batch_size=5, cfg_scale=1.0)
+    assert model.task == "understanding"
+    assert out["n"] == len(ds)
+    assert set(out["per_category"]) == set(out["per_category_partial"]) == set(TAGS)
+    for key in ("strict", "partial", "geneval"):
+        assert 0.0 <= out[key] <= 1.0
+    assert out["strict"] <= out["partial"]
+    again = evaluate_t2i(model, tokenizer, ds, num_steps=3, seeds=(0, 1), batch_size=5, cfg_scale=1.0)
+    assert again == out  # seeded
+
+
+def test_evaluate_vqa_is_well_formed(model, tokenizer):
+    ds = make_vqa_dataset("test", n=12)
+    model.set_task("t2i")
+    out = evaluate_vqa(model, tokenizer, ds, num_steps=2, batch_size=5)
+    assert model.task == "t2i"
+    assert out["n"] == 12 and 0.0 <= out["accuracy"] <= 1.0
+    assert set(out["per_qtype"]) <= set(QTYPES) and out["per_qtype"]
+
+
+def test_evaluation_rejects_bad_input(model, tokenizer):
+    ds = balanced_t2i_eval_set("test", per_tag=1)
+    with pytest.raises(ValueError, match="column"):
+        evaluate_t2i(model, tokenizer, ds.remove_columns("metadata"))
+    with pytest.raises(ValueError, match="num_steps"):
+        evaluate_t2i(model, tokenizer, ds, num_steps=0)
+    with pytest.raises(ValueError, match="seed"):
+        evaluate_t2i(model, tokenizer, ds, seeds=())
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_vqa(model, tokenizer, make_vqa_dataset("test", n=4).select([]))

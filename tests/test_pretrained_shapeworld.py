@@ -1,0 +1,78 @@
+"""The shipped ShapeWorld DFM: loads offline, has the documented paths, and is a real (trained) model."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from dflow_trl.data import ANSWER_LENGTH, GRID, PALETTE_SIZE, make_vqa_dataset, palette_embeddings
+from dflow_trl.evaluation import evaluate_vqa
+from dflow_trl.models import DFMTransformer
+from dflow_trl.models.pretrained import SHAPEWORLD_DIR, load_shapeworld_model
+from dflow_trl.paths import MetricInducedPath, MixturePath
+from dflow_trl.rollout import generate
+
+# The shipped weights answer 0.56 of test colour questions (seed 0; chance is 1/8, an untrained
+# model ~0). Their text-to-image strict score is still 0 (see the lead's report), so no t2i
+# score threshold is asserted yet.
+COLOR_QUESTION_MIN_ACCURACY = 0.3
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_shapeworld_model()
+
+
+def test_asset_is_small_and_complete():
+    weights = SHAPEWORLD_DIR / "model.safetensors"
+    assert weights.is_file() and (SHAPEWORLD_DIR / "tokenizer.json").is_file()
+    total = sum(f.stat().st_size for f in SHAPEWORLD_DIR.iterdir() if f.is_file())
+    assert total <= 15 * 2**20
+
+
+def test_loads_offline_with_documented_paths(shipped, monkeypatch):
+    model, tok = shipped
+    assert isinstance(model, DFMTransformer) and model.task == "t2i" and not model.training
+    cfg = model.config
+    assert cfg.image_shape == [GRID, GRID] and cfg.image_vocab_size == PALETTE_SIZE
+    assert cfg.text_vocab_size == len(tok) and cfg.text_canvas_length == ANSWER_LENGTH
+    assert cfg.image_path["type"] == "metric" and cfg.text_path["type"] == "mask"
+    assert torch.allclose(torch.tensor(cfg.image_path["embeddings"]), palette_embeddings())
+    assert isinstance(model.get_probability_path(), MetricInducedPath)
+    assert (cfg.pad_token_id, cfg.mask_token_id) == (tok.pad_token_id, tok.mask_token_id)
+    assert cfg.uncond_token_id == tok.convert_tokens_to_ids("<uncond>") and cfg.sep_token_id == tok.sep_token_id
+    # Nothing may reach a hub: loading again with the network forced off still works.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    understanding, _ = load_shapeworld_model("understanding")
+    assert understanding.task == "understanding"
+    path = understanding.get_probability_path()
+    assert isinstance(path, MixturePath) and path.source == "mask"
+
+
+def test_custom_dir_and_bad_input(tmp_path):
+    shutil.copytree(SHAPEWORLD_DIR, tmp_path / "copy")
+    model, _ = load_shapeworld_model(path=tmp_path / "copy")
+    assert model.task == "t2i"
+    with pytest.raises(ValueError, match="lacks"):
+        load_shapeworld_model(path=tmp_path)
+    with pytest.raises(ValueError, match="task"):
+        load_shapeworld_model("vqa")
+
+
+def test_generate_returns_grids(shipped):
+    model, tok = shipped
+    prompts = ["a photo of a square", "a photo of two circles", "a photo of a red cross", "a photo of a diamond"]
+    canvas, images = generate(model, prompts, tok, num_steps=8, seed=0)
+    assert canvas.shape == (4, GRID * GRID)
+    assert int(canvas.min()) >= 0 and int(canvas.max()) < PALETTE_SIZE
+    assert [im.size for im in images] == [(GRID, GRID)] * 4
+
+
+def test_base_is_trained(shipped):
+    model, tok = shipped
+    ds = make_vqa_dataset("test", n=200).filter(lambda r: r["qtype"] == "color")
+    out = evaluate_vqa(model, tok, ds, num_steps=2)
+    assert out["accuracy"] > COLOR_QUESTION_MIN_ACCURACY
+    assert model.task == "t2i"
