@@ -37,7 +37,7 @@ def run_one(what: str, batch: int, repeats: int) -> dict:
     probs = torch.softmax(logits, -1)
     x_t = path.sample_source((batch, D))
     t, h = 0.5, 0.125
-    est_name = what.split(":")[1] if ":" in what else "monte_carlo"
+    est_name = what.split(":")[1] if what.startswith(("rollout", "estimate")) else "monte_carlo"
     est = get_estimator(est_name, num_draws=24 if est_name == "monte_carlo" else 8, top_k=16)
     base = _rss_mb()
     times = []
