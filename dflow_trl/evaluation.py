@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from datasets import Dataset
 
 from .data import TAGS, decode_answer, make_t2i_dataset, normalize_answer, score_t2i
@@ -89,6 +90,21 @@ def _mean_by(keys: Sequence[str], values: Sequence[float]) -> dict[str, float]:
     return {k: sums[k] / counts[k] for k in sorted(sums)}
 
 
+def _sampled_batches(
+    model: Any, tokenizer: Any, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
+    columns: dict[str, Sequence[Any]] | None = None, **sampling: Any,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, canvas)`` for every seed and batch of ``prompts``, each batch with its own seed."""
+    columns = columns or {}
+    for seed in seeds:
+        for s in range(0, len(prompts), batch_size):
+            batch_columns = {k: v[s : s + batch_size] for k, v in columns.items()}
+            canvas, _ = generate(
+                model, prompts[s : s + batch_size], tokenizer, seed=_batch_seed(seed, s), **sampling, **batch_columns
+            )
+            yield s, canvas.cpu()
+
+
 def evaluate_t2i(
     model: Any,
     tokenizer: Any,
@@ -110,21 +126,14 @@ def evaluate_t2i(
     strict = [0.0] * len(prompts)
     partial = [0.0] * len(prompts)
     with _task(model, "t2i"):
-        for seed in seeds:
-            for s in range(0, len(prompts), batch_size):
-                canvas, _ = generate(
-                    model,
-                    prompts[s : s + batch_size],
-                    tokenizer,
-                    num_steps=num_steps,
-                    cfg_scale=cfg_scale,
-                    temperature=temperature,
-                    seed=_batch_seed(seed, s),
-                )
-                for i, grid in enumerate(canvas.cpu()):
-                    st, pa, _ = score_t2i(grid, metas[s + i])
-                    strict[s + i] += st / len(seeds)
-                    partial[s + i] += pa / len(seeds)
+        batches = _sampled_batches(
+            model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature
+        )
+        for s, canvas in batches:
+            for i, grid in enumerate(canvas):
+                st, pa, _ = score_t2i(grid, metas[s + i])
+                strict[s + i] += st / len(seeds)
+                partial[s + i] += pa / len(seeds)
     per_category = _mean_by(tags, strict)
     return {
         "strict": sum(strict) / len(strict),
@@ -152,20 +161,13 @@ def evaluate_vqa(
     answers = [normalize_answer(a) for a in dataset["answer"]]
     correct = [0.0] * len(prompts)
     with _task(model, "understanding") as base:
-        image_column = base.config.image_column
-        for seed in seeds:
-            for s in range(0, len(prompts), batch_size):
-                canvas, _ = generate(
-                    model,
-                    prompts[s : s + batch_size],
-                    tokenizer,
-                    num_steps=num_steps,
-                    temperature=temperature,
-                    seed=_batch_seed(seed, s),
-                    **{image_column: scenes[s : s + batch_size]},
-                )
-                for i, ids in enumerate(canvas.tolist()):
-                    correct[s + i] += float(decode_answer(ids, tokenizer) == answers[s + i]) / len(seeds)
+        batches = _sampled_batches(
+            model, tokenizer, prompts, seeds, batch_size, {base.config.image_column: scenes},
+            num_steps=num_steps, temperature=temperature,
+        )
+        for s, canvas in batches:
+            for i, ids in enumerate(canvas.tolist()):
+                correct[s + i] += float(decode_answer(ids, tokenizer) == answers[s + i]) / len(seeds)
     return {
         "accuracy": sum(correct) / len(correct),
         "per_qtype": _mean_by(dataset["qtype"], correct),
