@@ -7,7 +7,6 @@ Coordinates: a cell is ``(row, col)`` with row 0 at the top; a bounding box is
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -88,27 +87,11 @@ def relative_position(a: BBox, b: BBox, margin: float = POSITION_MARGIN) -> set[
     """The relations of box ``a`` to box ``b`` by GenEval's rule: the offset of the box centres,
     each axis shrunk towards 0 by ``margin`` times the summed box sizes, then normalised by the
     raw offset's length; a component beyond ±0.5 gives a relation (so a diagonal offset can give two)."""
+    from ..rewards.geneval_rules import relative_position as geneval_relative_position
+
+    # Cells (top, left, bottom, right), inclusive → GenEval's (x0, y0, x1, y1) boxes.
     (at, al, ab, ar), (bt, bl, bb, br) = a, b
-    off_x = (al + ar - bl - br) / 2
-    off_y = (at + ab - bt - bb) / 2
-    size_x = (ar - al + 1) + (br - bl + 1)
-    size_y = (ab - at + 1) + (bb - bt + 1)
-    rx = math.copysign(max(abs(off_x) - margin * size_x, 0.0), off_x)
-    ry = math.copysign(max(abs(off_y) - margin * size_y, 0.0), off_y)
-    if abs(rx) < 1e-3 and abs(ry) < 1e-3:
-        return set()
-    norm = math.hypot(off_x, off_y)
-    dx, dy = rx / norm, ry / norm
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
+    return geneval_relative_position((al, at, ar + 1, ab + 1), (bl, bt, br + 1, bb + 1), margin=margin)
 
 
 def as_rng(rng: random.Random | int | None) -> random.Random:

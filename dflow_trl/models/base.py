@@ -11,6 +11,7 @@ Concrete models mix in :class:`DiscreteFlowModelMixin` and implement its abstrac
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -63,33 +64,30 @@ class FlowInputs:
         ids[self.canvas_mask] = canvas.reshape(-1).to(ids.dtype)
         return ids
 
-    def repeat_interleave(self, n: int) -> FlowInputs:
-        """Each sample repeated ``n`` times in a row (GRPO groups)."""
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FlowInputs:
+        """The same inputs with ``fn`` applied to every tensor (``None`` stays ``None``)."""
 
-        def rep(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.repeat_interleave(n, dim=0)
+        def apply(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
 
         return FlowInputs(
-            input_ids=rep(self.input_ids),
-            attention_mask=rep(self.attention_mask),
-            canvas_mask=rep(self.canvas_mask),
-            uncond_input_ids=rep(self.uncond_input_ids),
-            extra={k: rep(v) for k, v in self.extra.items()},
+            input_ids=apply(self.input_ids),
+            attention_mask=apply(self.attention_mask),
+            canvas_mask=apply(self.canvas_mask),
+            uncond_input_ids=apply(self.uncond_input_ids),
+            extra={k: apply(v) for k, v in self.extra.items()},
         )
+
+    def repeat_interleave(self, n: int) -> FlowInputs:
+        """Each sample repeated ``n`` times in a row (GRPO groups)."""
+        return self.map(lambda t: t.repeat_interleave(n, dim=0))
 
     def index(self, idx: torch.Tensor | slice) -> FlowInputs:
         """The sub-batch ``idx``."""
+        return self.map(lambda t: t[idx])
 
-        def sel(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx]
-
-        return FlowInputs(
-            input_ids=sel(self.input_ids),
-            attention_mask=sel(self.attention_mask),
-            canvas_mask=sel(self.canvas_mask),
-            uncond_input_ids=sel(self.uncond_input_ids),
-            extra={k: sel(v) for k, v in self.extra.items()},
-        )
+    def to(self, device: torch.device | str) -> FlowInputs:
+        return self.map(lambda t: t.to(device))
 
 
 class DiscreteFlowModelMixin:

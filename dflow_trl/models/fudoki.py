@@ -271,7 +271,7 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
                 max_length=self.max_length,
                 pad_to=self.pad_to,
             )
-            return _to_device(inputs, self.device)
+            return inputs.to(self.device)
         pixel_values, has_image = self._understanding_pixels(len(prompts), image_processor, columns)
         inputs = build_understanding_inputs(
             prompts,
@@ -285,7 +285,7 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         )
         if pixel_values is not None:
             inputs.extra["pixel_values"] = pixel_values
-        return _to_device(inputs, self.device)
+        return inputs.to(self.device)
 
     def canvas_logits(
         self,
@@ -505,19 +505,6 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
             pixel_values[rows].to(embeds.device, vision_dtype)
         ).pooler_output
         return _place(embeds, slots, feats.reshape(-1, feats.shape[-1]))
-
-
-def _to_device(inputs: FlowInputs, device: torch.device) -> FlowInputs:
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device)
-
-    return FlowInputs(
-        input_ids=move(inputs.input_ids),
-        attention_mask=move(inputs.attention_mask),
-        canvas_mask=move(inputs.canvas_mask),
-        uncond_input_ids=move(inputs.uncond_input_ids),
-        extra={k: move(v) for k, v in inputs.extra.items()},
-    )
 
 
 def _place(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
