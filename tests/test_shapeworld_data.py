@@ -16,6 +16,7 @@ from dflow_trl.data.shapeworld import (
     ANSWERS,
     CANVAS_LENGTH,
     COLORS,
+    DEFAULT_COLORS,
     GRID,
     HELD_OUT_BINDINGS,
     HELD_OUT_PAIRS,
@@ -23,6 +24,7 @@ from dflow_trl.data.shapeworld import (
     QTYPES,
     RELATIONS,
     SHAPES,
+    SLOTS,
     TAGS,
     ObjectSpec,
     SceneSpec,
@@ -39,6 +41,7 @@ from dflow_trl.data.shapeworld import (
     render_grid_strip,
     render_scene,
     scene_is_train_safe,
+    score_t2i,
     spec_from_metadata,
     t2i_prompts,
 )
@@ -85,6 +88,36 @@ def test_four_of_the_widest_shape_fit():
     spec = SceneSpec(tuple(ObjectSpec("triangle", "green") for _ in range(4)))
     for seed in range(20):
         assert [o.shape for o in parse_grid(render_scene(spec, seed))] == ["triangle"] * 4
+
+
+def test_objects_sit_centred_in_distinct_slots():
+    spec = SceneSpec((ObjectSpec("circle", "red"), ObjectSpec("cross"), ObjectSpec("square"), ObjectSpec("diamond")))
+    slot = GRID // SLOTS
+    for seed in range(10):
+        objs = parse_grid(render_scene(spec, seed))
+        slots = {(o.bbox[0] // slot, o.bbox[1] // slot) for o in objs}
+        assert len(objs) == 4 and len(slots) == 4
+        for o in objs:  # each object stays inside its slot's first SLOT - 1 rows and columns
+            assert o.bbox[2] // slot == o.bbox[0] // slot and o.bbox[2] % slot < slot - 1
+            assert o.bbox[3] // slot == o.bbox[1] // slot and o.bbox[3] % slot < slot - 1
+
+
+def test_canonical_scenes_are_a_function_of_the_prompt_and_satisfy_it():
+    assert all((c, s) not in HELD_OUT_BINDINGS for s, c in DEFAULT_COLORS.items()) and set(DEFAULT_COLORS) == set(SHAPES)
+    for m in t2i_prompts("train"):
+        grids = [
+            render_scene(spec_from_metadata(m, seed, train_safe=True, canonical=True), seed + 1, canonical=True)
+            for seed in (0, 1)
+        ]
+        assert torch.equal(grids[0], grids[1]), m["prompt"]
+        assert score_t2i(grids[0], m)[0] == 1.0, m["prompt"]
+        assert scene_is_train_safe([(o.shape, o.color) for o in parse_grid(grids[0])])
+    # An open colour takes the shape's default; the first object takes the first valid slot.
+    (obj,) = parse_grid(render_scene(SceneSpec((ObjectSpec("square"),)), canonical=True))
+    assert obj.color == DEFAULT_COLORS["square"] and obj.bbox[0] < GRID // SLOTS and obj.bbox[1] < GRID // SLOTS
+    # Random placement still varies the layout.
+    spec = SceneSpec((ObjectSpec("square", "red"),))
+    assert len({tuple(render_scene(spec, seed).flatten().tolist()) for seed in range(20)}) > 1
 
 
 def test_scene_spec_validation():

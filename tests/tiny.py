@@ -29,7 +29,8 @@ def path_spec(kind: str) -> dict:
 
 
 def tiny_model(
-    path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i", time_conditioning: bool = False
+    path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i", time_conditioning: bool = False,
+    condition_pooling: bool = False, image_position_2d: bool = False,
 ) -> DFMTransformer:
     torch.manual_seed(seed)
     image_vocab = IMAGE_VOCAB + (1 if path == "mask" else 0)
@@ -50,6 +51,8 @@ def tiny_model(
         text_path={"type": "mask"},
         task=task,
         time_conditioning=time_conditioning,
+        condition_pooling=condition_pooling,
+        image_position_2d=image_position_2d,
     )
     return DFMTransformer(cfg)
 

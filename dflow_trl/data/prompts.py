@@ -206,10 +206,11 @@ def train_colors(shape: str) -> list[str]:
 
 
 def spec_from_metadata(
-    metadata: dict | str, rng: random.Random | int | None = None, train_safe: bool = False
+    metadata: dict | str, rng: random.Random | int | None = None, train_safe: bool = False, canonical: bool = False
 ) -> SceneSpec:
     """A scene that satisfies the prompt exactly: ``count`` objects per include entry (so the
-    exclude entries hold too), unspecified colours drawn at random.
+    exclude entries hold too), unspecified colours drawn at random (left open with
+    ``canonical``, for ``place_scene(..., canonical=True)`` to fill with the shape's default).
 
     ``train_safe`` draws those colours from the non-held-out ones only, for training images; a
     held-out prompt then raises ``ValueError``.
@@ -228,7 +229,7 @@ def spec_from_metadata(
             relation = (rel, first_of_entry[j])
         for _ in range(req["count"]):
             color = req.get("color")
-            if color is None:
+            if color is None and not canonical:
                 color = rng.choice(train_colors(req["class"]) if train_safe else COLORS)
             objects.append(ObjectSpec(req["class"], color, relation))
     if len(objects) > MAX_OBJECTS:

@@ -50,7 +50,9 @@ from .prompts import (
     t2i_prompts,
 )
 from .scenes import (
+    DEFAULT_COLORS,
     RELATIONS,
+    SLOTS,
     DetectedObject,
     ObjectSpec,
     SceneSpec,
@@ -77,6 +79,7 @@ __all__ = [
     "BACKGROUND",
     "CANVAS_LENGTH",
     "COLORS",
+    "DEFAULT_COLORS",
     "GRID",
     "HELD_OUT_BINDINGS",
     "HELD_OUT_COUNTS",
@@ -86,6 +89,7 @@ __all__ = [
     "QTYPES",
     "RELATIONS",
     "SHAPES",
+    "SLOTS",
     "SPECIAL_TOKENS",
     "TAGS",
     "VQA_DEFAULT_SIZES",

@@ -50,6 +50,13 @@ class DFMTransformerConfig(PretrainedConfig):
         time_conditioning: add an embedding of the flow time t to every position (FUDOKI is not
             time-conditioned; a small model is much better at denoising when told t). The
             trainer and samplers then pass ``flow_time`` to ``forward``.
+        condition_pooling: also add a projection of the mean embedding of the condition's text
+            tokens to every position. Attention alone lets a small model trained briefly ignore
+            a short prompt among hundreds of canvas tokens; the pooled route carries the words
+            (not their order, so attribute binding still has to come through attention).
+        image_position_2d: also give every image token (canvas or condition) learned row and
+            column embeddings, so what the model learns at one cell carries over to cells in the
+            same row or column instead of being learned afresh for each of the H·W positions.
     """
 
     model_type = "dfm_transformer"
@@ -73,6 +80,8 @@ class DFMTransformerConfig(PretrainedConfig):
         image_column: str = "scene_tokens",
         task: Task = "t2i",
         time_conditioning: bool = False,
+        condition_pooling: bool = False,
+        image_position_2d: bool = False,
         pad_token_id: int = 0,
         sep_token_id: int = 1,
         uncond_token_id: int = 2,
@@ -97,6 +106,8 @@ class DFMTransformerConfig(PretrainedConfig):
         self.image_column = image_column
         self.task = task
         self.time_conditioning = bool(time_conditioning)
+        self.condition_pooling = bool(condition_pooling)
+        self.image_position_2d = bool(image_position_2d)
         self.sep_token_id = sep_token_id
         self.uncond_token_id = uncond_token_id
         self.mask_token_id = mask_token_id
@@ -167,6 +178,10 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             if config.time_conditioning
             else None
         )
+        if config.image_position_2d:
+            self.embed_rows = nn.Embedding(config.image_shape[0], config.hidden_size)
+            self.embed_cols = nn.Embedding(config.image_shape[1], config.hidden_size)
+        self.condition_proj = nn.Linear(config.hidden_size, config.hidden_size) if config.condition_pooling else None
         self.layers = nn.ModuleList([LlamaDecoderLayer(llama, layer_idx=i) for i in range(config.num_hidden_layers)])
         for layer in self.layers:
             layer.self_attn.is_causal = False
@@ -285,7 +300,7 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         ids = input_ids
         if self.task == "t2i":
             ids = torch.where(canvas_mask, input_ids + self.config.text_vocab_size, input_ids)
-        hidden = self._hidden(ids, attention_mask, flow_time)
+        hidden = self._hidden(ids, attention_mask, flow_time, canvas_mask)
         canvas_h = hidden[canvas_mask].view(input_ids.shape[0], -1, hidden.shape[-1])
         head = self.image_head if self.task == "t2i" else self.text_head
         logits = head(canvas_h).float()
@@ -296,18 +311,27 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         return logits
 
     def _hidden(
-        self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None, flow_time: Any = None
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None,
+        flow_time: Any = None,
+        canvas_mask: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         h = self.embed_tokens(input_ids)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
-        h = h + self.embed_positions(positions)
+        pooled = self._pooled_condition(h, input_ids, attention_mask, canvas_mask)
         if self.time_mlp is not None:
             if flow_time is None:
                 raise ValueError("this DFMTransformer is time-conditioned: pass flow_time (t of x_t) to forward")
             t = torch.as_tensor(flow_time, dtype=h.dtype, device=h.device).reshape(-1).expand(h.shape[0])
             h = h + self.time_mlp(_time_features(t)).unsqueeze(1)
+        if pooled is not None:
+            h = h + self.condition_proj(pooled).unsqueeze(1)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        h = h + self.embed_positions(positions)
+        if self.config.image_position_2d:
+            h = h + self._image_positions(input_ids)
         mask = create_bidirectional_mask(
             config=self._llama_config, inputs_embeds=h, attention_mask=attention_mask.bool(), allow_is_bidirectional_skip=False
         )
@@ -318,6 +342,31 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             else:
                 h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb)
         return self.norm(h)
+
+    def _pooled_condition(
+        self, emb: torch.Tensor, ids: torch.LongTensor, attention_mask: torch.Tensor, canvas_mask: torch.BoolTensor | None
+    ) -> torch.Tensor | None:
+        """Mean embedding of the condition's text tokens (not the canvas, not image tokens), scaled
+        to unit RMS; None without ``condition_pooling``."""
+        if self.condition_proj is None:
+            return None
+        cond = attention_mask.bool() & (ids < self.config.text_vocab_size)
+        if canvas_mask is not None:
+            cond = cond & ~canvas_mask
+        w = cond.unsqueeze(-1).to(emb.dtype)
+        pooled = (emb * w).sum(1) / w.sum(1).clamp_min(1.0)
+        # Unit RMS: prompts share most words, so their raw means differ by a small fraction of an
+        # already small embedding, and training took far longer to pick up that difference.
+        return pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+
+    def _image_positions(self, ids: torch.LongTensor) -> torch.Tensor:
+        """Row + column embeddings at image tokens (ids ≥ V_txt, row-major), zero elsewhere."""
+        is_image = ids >= self.config.text_vocab_size
+        k = (is_image.long().cumsum(1) - 1).clamp_min(0)
+        width = self.config.image_shape[1]
+        rows = (k // width).clamp_max(self.config.image_shape[0] - 1)
+        emb = self.embed_rows(rows) + self.embed_cols(k % width)
+        return emb * is_image.unsqueeze(-1).to(emb.dtype)
 
     def canvas_logits(self, input_ids, attention_mask, canvas_mask, **extra):
         return self.forward(input_ids, attention_mask, canvas_mask=canvas_mask, **extra)

@@ -7,15 +7,18 @@ is discrete flow matching: ``t ~ U[0, 1)`` per sample, ``x_t ~ p_t(· | x1)`` fr
 paths, and the cross-entropy of the posterior logits against ``x1`` on the canvas. Every step
 holds a text-to-image batch (scenes rendered on the fly from TRAIN prompts, 10% of prompts
 dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch (TRAIN questions).
+``t = u^power`` with ``u ~ U[0, 1)`` (``--t-power``, 1 = uniform).
 
 The shipped asset was made with (torch 2.13, 2 CPU cores)::
 
-    python examples/shapeworld/pretrain.py --output-dir dflow_trl/assets/shapeworld --steps 3600
+    python examples/shapeworld/pretrain.py --output-dir dflow_trl/assets/shapeworld --steps 3600 --t-power 2
 
-Measured: 30.7 minutes of wall time for 3600 steps on an otherwise idle 2-core CPU. ``training_log.json`` beside the weights holds the loss curve and arguments. The
-metric path uses FUDOKI's schedule (c = 3, a = 0.9) over centred-RGB palette embeddings (see
-``dflow_trl/data/palette.py``): the background sits far from every colour, so silhouettes settle
-before hues.
+Measured: 29.0 minutes of wall time for 3600 steps on an otherwise idle 2-core CPU.
+``training_log.json`` beside the weights holds the loss curve and arguments. The metric path uses
+FUDOKI's schedule (c = 3, a = 0.9) over centred-RGB palette embeddings (see
+``dflow_trl/data/palette.py``). Text-to-image scenes are canonical (``place_scene(...,
+canonical=True)``) and ``--t-power 2`` spends more steps at small t, where the prompt alone has to
+fix the layout; ``docs/shapeworld.md`` says why both were needed.
 
 ``--steps`` makes a run bitwise reproducible for a seed; ``--minutes`` instead stops on wall
 time and decays the learning rate by elapsed time (quick pilots).
@@ -72,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--c", type=float, default=3.0, help="metric path schedule beta_t = c (t/(1-t))^a")
     p.add_argument("--a", type=float, default=0.9)
     p.add_argument("--no-time", action="store_true", help="no time conditioning (FUDOKI-like; generates worse)")
+    p.add_argument("--no-pooling", action="store_true", help="no pooled prompt embedding (the prompt then reaches the canvas only through attention)")
+    p.add_argument("--no-2d", action="store_true", help="no row/column embeddings for image tokens")
+    p.add_argument(
+        "--t-power", type=float, default=1.0,
+        help="train at t = u^power, u ~ U[0, 1): > 1 puts more steps at small t, where the prompt alone must fix the layout",
+    )
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
     p.add_argument(
         "--tag-power",
@@ -81,12 +90,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=0, help="also save to OUTPUT_DIR/step-N every N steps (0: only at the end)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     if (args.steps is None) == (args.minutes is None):
         p.error("give exactly one of --steps or --minutes")
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         p.error("--steps / --minutes must be positive")
+    if args.t_power <= 0:
+        p.error("--t-power must be positive")
+    if args.save_every < 0:
+        p.error("--save-every must be >= 0")
     if not 0 <= args.uncond_prob < 1:
         p.error("--uncond-prob must lie in [0, 1)")
     return args
@@ -110,6 +124,8 @@ def build_config(tokenizer, args: argparse.Namespace) -> DFMTransformerConfig:
         palette=[[round(255 * v) for v in rgb] for rgb in palette_rgb()],
         image_column="scene_tokens",
         time_conditioning=not args.no_time,
+        condition_pooling=not args.no_pooling,
+        image_position_2d=not args.no_2d,
         task="t2i",
         pad_token_id=tokenizer.pad_token_id,
         sep_token_id=tokenizer.sep_token_id,
@@ -126,8 +142,8 @@ class Batch:
 
 
 class T2ISource:
-    """Endless TRAIN text-to-image pairs: a prompt (category drawn with weight ``n^power``) and a
-    freshly rendered scene that satisfies it and shows nothing held out."""
+    """Endless TRAIN text-to-image pairs: a prompt (category drawn with weight ``n^power``) and its
+    canonical scene (``place_scene(..., canonical=True)``), which shows nothing held out."""
 
     def __init__(self, rng: random.Random, tag_power: float) -> None:
         self.rng = rng
@@ -139,9 +155,9 @@ class T2ISource:
         prompts, grids = [], []
         for tag in self.rng.choices(self.tags, self.weights, k=n):
             meta = self.rng.choice(self.by_tag[tag])
-            spec = spec_from_metadata(meta, self.rng, train_safe=True)
+            spec = spec_from_metadata(meta, self.rng, train_safe=True, canonical=True)
             prompts.append(meta["prompt"])
-            grids.append(render_scene(spec, self.rng).flatten())
+            grids.append(render_scene(spec, self.rng, canonical=True).flatten())
         return Batch(prompts, torch.stack(grids).long())
 
 
@@ -164,13 +180,13 @@ class VQASource:
 
 
 def flow_matching_loss(
-    model: DFMTransformer, tokenizer, batch: Batch, uncond_prob: float, gen: torch.Generator
+    model: DFMTransformer, tokenizer, batch: Batch, uncond_prob: float, gen: torch.Generator, t_power: float = 1.0
 ) -> torch.Tensor:
-    """Posterior cross-entropy on ``x_t ~ p_t(· | x1)``, ``t ~ U[0, 1)`` per sample."""
+    """Posterior cross-entropy on ``x_t ~ p_t(· | x1)``, ``t = u^t_power``, ``u ~ U[0, 1)`` per sample."""
     columns = {model.config.image_column: batch.scenes} if batch.scenes is not None else {}
     inputs = model.prepare_flow_inputs(batch.prompts, tokenizer, **columns)
     b = len(batch.prompts)
-    t = torch.rand(b, 1, generator=gen, dtype=torch.float64)
+    t = torch.rand(b, 1, generator=gen, dtype=torch.float64) ** t_power
     x_t = model.get_probability_path().sample_conditional(batch.x1, t, generator=gen)
     drop = torch.rand(b, generator=gen) < uncond_prob
     ids = torch.where(drop[:, None], inputs.with_canvas(x_t, unconditional=True), inputs.with_canvas(x_t))
@@ -185,6 +201,15 @@ def lr_factor(progress: float, warmup: float, floor: float) -> float:
         return progress / warmup
     span = (progress - warmup) / max(1e-8, 1 - warmup)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, span)))
+
+
+def save(model: DFMTransformer, tokenizer, directory: Path) -> None:
+    """Save the model (set to text-to-image, the default task) and its tokenizer."""
+    model.set_task("t2i")
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -213,7 +238,7 @@ def train(args: argparse.Namespace) -> dict:
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(progress, warmup_frac, args.min_lr_ratio)
         model.set_task("t2i")
-        loss_img = flow_matching_loss(model, tokenizer, t2i.batch(args.batch_size), args.uncond_prob, gen)
+        loss_img = flow_matching_loss(model, tokenizer, t2i.batch(args.batch_size), args.uncond_prob, gen, args.t_power)
         model.set_task("understanding")
         loss_txt = flow_matching_loss(model, tokenizer, vqa.batch(args.vqa_batch_size), 0.0, gen)
         opt.zero_grad(set_to_none=True)
@@ -234,12 +259,12 @@ def train(args: argparse.Namespace) -> dict:
             history.append(row)
             running = {"t2i": 0.0, "vqa": 0.0}
             print(json.dumps(row), flush=True)
+        if args.save_every and step % args.save_every == 0:
+            save(model, tokenizer, args.output_dir / f"step-{step}")
+            model.set_task("t2i")
+            model.train()
 
-    model.set_task("t2i")
-    model.eval()
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(args.output_dir)
+    save(model, tokenizer, args.output_dir)
     summary = {
         "steps": step,
         "wall_minutes": round((time.monotonic() - start) / 60, 2),

@@ -1,0 +1,81 @@
+"""DFMTransformer's optional routes: the pooled condition and 2-D image positions."""
+
+from __future__ import annotations
+
+import torch
+
+from dflow_trl.models import DFMTransformer
+
+from .tiny import tiny_model, tiny_tokenizer
+
+
+def _pooled(model: DFMTransformer, prompts: list[str], canvas: torch.LongTensor, **columns) -> torch.Tensor:
+    """The input of ``condition_proj`` (the pooled condition) for ``prompts`` with ``canvas``."""
+    seen = []
+    handle = model.condition_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].detach()))
+    batch = model.prepare_flow_inputs(prompts, tiny_tokenizer(), **columns)
+    model(batch.with_canvas(canvas), batch.attention_mask, canvas_mask=batch.canvas_mask)
+    handle.remove()
+    return seen[0]
+
+
+def test_pooled_condition_reads_the_prompt_words_only():
+    model = tiny_model("uniform", condition_pooling=True).eval()
+    d = model.canvas_length
+    zeros, ones = torch.zeros(1, d, dtype=torch.long), torch.ones(1, d, dtype=torch.long)
+    red = _pooled(model, ["a red square"], zeros)
+    torch.testing.assert_close(red, _pooled(model, ["a red square"], ones))  # canvas noise is not condition
+    assert not torch.allclose(red, _pooled(model, ["a blue square"], zeros))
+    # Order-free by design: binding has to come through attention.
+    torch.testing.assert_close(red, _pooled(model, ["a square red"], zeros))
+
+
+def test_pooled_condition_skips_the_condition_image_and_the_answer_canvas():
+    model = tiny_model("uniform", task="understanding", condition_pooling=True).eval()
+    n_img = model.config.image_canvas_length
+    d = model.canvas_length
+    col = model.config.image_column
+    a = _pooled(model, ["red square"], torch.zeros(1, d, dtype=torch.long), **{col: [[0] * n_img]})
+    b = _pooled(model, ["red square"], torch.full((1, d), 5, dtype=torch.long), **{col: [[1] * n_img]})
+    torch.testing.assert_close(a, b)
+
+
+def test_pooling_config_round_trips(tmp_path):
+    model = tiny_model("uniform", condition_pooling=True).eval()
+    model.save_pretrained(tmp_path)
+    loaded = DFMTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.condition_pooling and loaded.condition_proj is not None
+    batch = model.prepare_flow_inputs(["a red square"], tiny_tokenizer())
+    ids = batch.with_canvas(torch.zeros(1, model.canvas_length, dtype=torch.long))
+    torch.testing.assert_close(
+        model(ids, batch.attention_mask, canvas_mask=batch.canvas_mask),
+        loaded(ids, batch.attention_mask, canvas_mask=batch.canvas_mask),
+    )
+    assert tiny_model("uniform").condition_proj is None
+
+
+def _expected_2d(model: DFMTransformer) -> torch.Tensor:
+    h, w = model.config.image_shape
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    return model.embed_rows(rows) + model.embed_cols(cols)
+
+
+def test_2d_positions_go_to_image_tokens_in_row_major_order():
+    model = tiny_model("uniform", image_shape=(2, 3), image_position_2d=True).eval()
+    batch = model.prepare_flow_inputs(["a red square"], tiny_tokenizer())
+    ids = batch.with_canvas(torch.zeros(1, model.canvas_length, dtype=torch.long))
+    ids = torch.where(batch.canvas_mask, ids + model.config.text_vocab_size, ids)  # as forward shifts them
+    emb = model._image_positions(ids)[0]
+    torch.testing.assert_close(emb[batch.canvas_mask[0]], _expected_2d(model))
+    assert emb[~batch.canvas_mask[0]].abs().sum() == 0
+
+
+def test_2d_positions_go_to_the_condition_image_not_the_answer():
+    model = tiny_model("uniform", task="understanding", image_shape=(2, 3), image_position_2d=True).eval()
+    n_img = model.config.image_canvas_length
+    batch = model.prepare_flow_inputs(["red square"], tiny_tokenizer(), **{model.config.image_column: [[1] * n_img]})
+    emb = model._image_positions(batch.input_ids)[0]
+    torch.testing.assert_close(emb[:n_img], _expected_2d(model))
+    assert emb[n_img:].abs().sum() == 0
+    assert tiny_model("uniform").config.image_position_2d is False
