@@ -357,7 +357,7 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         pooled = (emb * w).sum(1) / w.sum(1).clamp_min(1.0)
         # Unit RMS: prompts share most words, so their raw means differ by a small fraction of an
         # already small embedding, and training took far longer to pick up that difference.
-        return pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return nn.functional.rms_norm(pooled, pooled.shape[-1:], eps=self.config.rms_norm_eps)
 
     def _image_positions(self, ids: torch.LongTensor) -> torch.Tensor:
         """Row + column embeddings at image tokens (ids ≥ V_txt, row-major), zero elsewhere."""
