@@ -1,0 +1,134 @@
+"""How much signal one batch's dFlowGRPO gradient carries, per estimator, on the shipped ShapeWorld model.
+
+For a training prompt, draw R independent batches of N rollouts (N/G groups of G), compute each
+batch's GRPO loss gradient exactly as ``DFlowGRPOTrainer`` does, and report the mean pairwise
+cosine between the R batch gradients. Write one rollout's contribution as s + ε (signal s, zero-
+mean noise ε of variance σ²); then for large dimension E[cos] ≈ N‖s‖² / (N‖s‖² + σ²), so
+
+    ρ = ‖s‖² / σ² ≈ cos / (N (1 − cos))
+
+is the per-rollout signal-to-noise ratio, and about 1/ρ rollouts make one gradient whose signal
+equals its noise. cos ≈ 0 means the batch gradient is mostly noise: the optimizer then needs many
+more steps (or larger batches) before the reward moves.
+
+    python benchmarks/gradient_snr.py --estimators top_k exact posterior_only --accumulate 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def batch_gradients(estimator: str, prompt_row: dict, args: argparse.Namespace, accumulate: int) -> tuple[torch.Tensor, list[float]]:
+    """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts) and their mean rewards."""
+    from datasets import Dataset
+
+    from dflow_trl.models.pretrained import load_shapeworld_model
+    from dflow_trl.rewards import get_reward_function
+    from dflow_trl.trainer import DFlowGRPOConfig, DFlowGRPOTrainer
+
+    torch.manual_seed(args.seed)
+    model, tok = load_shapeworld_model("t2i", args.model)
+    cfg = DFlowGRPOConfig(
+        output_dir=str(Path(args.output) / "trainer"),
+        use_cpu=True,
+        bf16=False,
+        per_device_train_batch_size=args.batch,
+        num_generations=args.num_generations,
+        max_steps=1,
+        num_flow_steps=args.num_flow_steps,
+        estimator=estimator,
+        num_mc_samples=8,
+        top_k_size=4,
+        include_last_step=True,
+        report_to="none",
+        seed=args.seed,
+    )
+    trainer = DFlowGRPOTrainer(
+        model=model,
+        reward_funcs=get_reward_function("shapeworld_partial"),
+        args=cfg,
+        train_dataset=Dataset.from_list([prompt_row]),
+        processing_class=tok,
+    )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop, which is not run here
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads, rewards = [], []
+    for _ in range(args.reps):
+        trainer.model.zero_grad(set_to_none=True)
+        for _ in range(accumulate):
+            batch = trainer._generate_and_score_completions([prompt_row] * args.batch)
+            trainer.compute_loss(trainer.model, batch).backward()
+            rewards.append(trainer._metrics["train"]["reward"][-1])
+        grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
+    return torch.stack(grads), rewards
+
+
+def mean_pairwise_cosine(grads: torch.Tensor) -> float:
+    pairs = itertools.combinations(range(grads.shape[0]), 2)
+    cos = [torch.nn.functional.cosine_similarity(grads[i], grads[j], dim=0).item() for i, j in pairs]
+    return sum(cos) / len(cos)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--estimators", nargs="+", default=["top_k", "exact", "monte_carlo", "posterior_only"])
+    ap.add_argument("--accumulate", type=int, nargs="+", default=[1], help="batches summed into one gradient")
+    ap.add_argument("--prompts", nargs="+", default=["a photo of a square left of a circle", "a photo of a blue square and a red cross"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--num-generations", type=int, default=8)
+    ap.add_argument("--num-flow-steps", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=4, help="independent gradients per setting (R)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default=None, help="model folder (default: the shipped ShapeWorld model)")
+    ap.add_argument("--output", default="benchmarks/results/gradient_snr")
+    a = ap.parse_args()
+    if a.reps < 2:
+        ap.error("--reps must be >= 2 (the cosine needs a pair)")
+    from dflow_trl.data import all_prompts
+
+    by_prompt = {m["prompt"]: m for m in all_prompts()}
+    unknown = [p for p in a.prompts if p not in by_prompt]
+    if unknown:
+        ap.error(f"not ShapeWorld prompts: {unknown}")
+    out = Path(a.output)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for prompt, est, acc in itertools.product(a.prompts, a.estimators, a.accumulate):
+        meta = by_prompt[prompt]
+        row = {"prompt": prompt, "tag": meta["tag"], "metadata": json.dumps(meta)}
+        t0 = time.perf_counter()
+        grads, rewards = batch_gradients(est, row, a, acc)
+        n = acc * a.batch
+        cos = mean_pairwise_cosine(grads)
+        rho = max(cos, 0.0) / (n * (1 - cos))
+        rows.append({
+            "prompt": prompt, "estimator": est, "rollouts_per_gradient": n, "cosine": cos, "rho": rho,
+            "mean_reward": sum(rewards) / len(rewards), "seconds": time.perf_counter() - t0,
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    (out / "gradient_snr.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| prompt | estimator | rollouts / gradient | mean pairwise cos | ρ per rollout |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {r['prompt'].removeprefix('a photo of ')} | {r['estimator']} | {r['rollouts_per_gradient']} | "
+        f"{r['cosine']:.3f} | {r['rho']:.1e} |"
+        for r in rows
+    ]
+    table = "\n".join(lines)
+    print(table)
+    (out / "gradient_snr.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
