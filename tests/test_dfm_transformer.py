@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dflow_trl.models import DFMTransformer
@@ -52,6 +53,31 @@ def test_pooling_config_round_trips(tmp_path):
         loaded(ids, batch.attention_mask, canvas_mask=batch.canvas_mask),
     )
     assert tiny_model("uniform").condition_proj is None
+
+
+def test_positional_pooling_reads_word_order():
+    model = tiny_model("uniform", condition_pooling="positional").eval()
+    zeros = torch.zeros(1, model.canvas_length, dtype=torch.long)
+    red = _pooled(model, ["a red square"], zeros)
+    assert not torch.allclose(red, _pooled(model, ["a square red"], zeros), atol=1e-4)
+    torch.testing.assert_close(red, _pooled(model, ["a red square"], torch.ones_like(zeros)))
+    # Positions count within the prompt: padding next to a longer prompt changes nothing.
+    both = _pooled(model, ["a red square", "red"], torch.zeros(2, model.canvas_length, dtype=torch.long))
+    torch.testing.assert_close(both[:1], red)
+    torch.testing.assert_close(both[1:], _pooled(model, ["red"], zeros))
+
+
+def test_pooling_values_are_checked_and_true_means_mean(tmp_path):
+    assert tiny_model("uniform", condition_pooling=True).config.condition_pooling == "mean"
+    assert tiny_model("uniform", condition_pooling=True).condition_mixer is None
+    with pytest.raises(ValueError, match="condition_pooling must be"):
+        tiny_model("uniform", condition_pooling="attention")
+    model = tiny_model("uniform", condition_pooling="positional").eval()
+    model.save_pretrained(tmp_path)
+    loaded = DFMTransformer.from_pretrained(tmp_path).eval()
+    assert loaded.config.condition_pooling == "positional"
+    zeros = torch.zeros(1, model.canvas_length, dtype=torch.long)
+    torch.testing.assert_close(_pooled(model, ["a red square"], zeros), _pooled(loaded, ["a red square"], zeros))
 
 
 def _expected_2d(model: DFMTransformer) -> torch.Tensor:

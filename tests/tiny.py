@@ -30,7 +30,7 @@ def path_spec(kind: str) -> dict:
 
 def tiny_model(
     path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i", time_conditioning: bool = False,
-    condition_pooling: bool = False, image_position_2d: bool = False,
+    condition_pooling: bool | str = False, image_position_2d: bool = False,
 ) -> DFMTransformer:
     torch.manual_seed(seed)
     image_vocab = IMAGE_VOCAB + (1 if path == "mask" else 0)

@@ -32,6 +32,20 @@ from .base import DiscreteFlowModelMixin, FlowInputs
 Task = Literal["t2i", "understanding"]
 
 
+POOLINGS = ("mean", "positional")
+
+
+def _check_pooling(value: bool | str | None) -> str | bool:
+    """``condition_pooling`` normalised: False (none), ``"mean"`` (True is accepted for it) or ``"positional"``."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        return "mean"
+    if value not in POOLINGS:
+        raise ValueError(f"condition_pooling must be False, True, or one of {list(POOLINGS)}; got {value!r}")
+    return value
+
+
 class DFMTransformerConfig(PretrainedConfig):
     """Configuration of :class:`DFMTransformer`.
 
@@ -50,10 +64,12 @@ class DFMTransformerConfig(PretrainedConfig):
         time_conditioning: add an embedding of the flow time t to every position (FUDOKI is not
             time-conditioned; a small model is much better at denoising when told t). The
             trainer and samplers then pass ``flow_time`` to ``forward``.
-        condition_pooling: also add a projection of the mean embedding of the condition's text
-            tokens to every position. Attention alone lets a small model trained briefly ignore
-            a short prompt among hundreds of canvas tokens; the pooled route carries the words
-            (not their order, so attribute binding still has to come through attention).
+        condition_pooling: also add a pooled summary of the condition's text tokens to every
+            position: ``"mean"`` (or ``True``) pools their embeddings, a bag of words;
+            ``"positional"`` pools ``GELU(W (e(w_i) + p_i))`` with ``p_i`` the embedding of the
+            word's index in the prompt, so "a square left of a circle" and "a circle left of a
+            square" differ. Attention alone lets a small model trained briefly ignore a short
+            prompt among hundreds of canvas tokens.
         image_position_2d: also give every image token (canvas or condition) learned row and
             column embeddings, so what the model learns at one cell carries over to cells in the
             same row or column instead of being learned afresh for each of the H·W positions.
@@ -80,7 +96,7 @@ class DFMTransformerConfig(PretrainedConfig):
         image_column: str = "scene_tokens",
         task: Task = "t2i",
         time_conditioning: bool = False,
-        condition_pooling: bool = False,
+        condition_pooling: bool | str = False,
         image_position_2d: bool = False,
         pad_token_id: int = 0,
         sep_token_id: int = 1,
@@ -106,7 +122,7 @@ class DFMTransformerConfig(PretrainedConfig):
         self.image_column = image_column
         self.task = task
         self.time_conditioning = bool(time_conditioning)
-        self.condition_pooling = bool(condition_pooling)
+        self.condition_pooling = _check_pooling(condition_pooling)
         self.image_position_2d = bool(image_position_2d)
         self.sep_token_id = sep_token_id
         self.uncond_token_id = uncond_token_id
@@ -182,6 +198,11 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             self.embed_rows = nn.Embedding(config.image_shape[0], config.hidden_size)
             self.embed_cols = nn.Embedding(config.image_shape[1], config.hidden_size)
         self.condition_proj = nn.Linear(config.hidden_size, config.hidden_size) if config.condition_pooling else None
+        self.condition_mixer = (
+            nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.GELU())
+            if config.condition_pooling == "positional"
+            else None
+        )
         self.layers = nn.ModuleList([LlamaDecoderLayer(llama, layer_idx=i) for i in range(config.num_hidden_layers)])
         for layer in self.layers:
             layer.self_attn.is_causal = False
@@ -346,13 +367,18 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
     def _pooled_condition(
         self, emb: torch.Tensor, ids: torch.LongTensor, attention_mask: torch.Tensor, canvas_mask: torch.BoolTensor | None
     ) -> torch.Tensor | None:
-        """Mean embedding of the condition's text tokens (not the canvas, not image tokens), scaled
-        to unit RMS; None without ``condition_pooling``."""
+        """Mean over the condition's text tokens (not the canvas, not image tokens) of their
+        embeddings (``"mean"``) or of ``GELU(W (e(w_i) + p_i))`` (``"positional"``), scaled to
+        unit RMS; None without ``condition_pooling``."""
         if self.condition_proj is None:
             return None
         cond = attention_mask.bool() & (ids < self.config.text_vocab_size)
         if canvas_mask is not None:
             cond = cond & ~canvas_mask
+        if self.condition_mixer is not None:
+            # Index within the prompt, not within the sequence, so padding does not shift it.
+            rank = (cond.long().cumsum(1) - 1).clamp_min(0)
+            emb = self.condition_mixer(emb + self.embed_positions(rank))
         w = cond.unsqueeze(-1).to(emb.dtype)
         pooled = (emb * w).sum(1) / w.sum(1).clamp_min(1.0)
         # Unit RMS: prompts share most words, so their raw means differ by a small fraction of an

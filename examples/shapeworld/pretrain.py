@@ -75,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--c", type=float, default=3.0, help="metric path schedule beta_t = c (t/(1-t))^a")
     p.add_argument("--a", type=float, default=0.9)
     p.add_argument("--no-time", action="store_true", help="no time conditioning (FUDOKI-like; generates worse)")
-    p.add_argument("--no-pooling", action="store_true", help="no pooled prompt embedding (the prompt then reaches the canvas only through attention)")
+    p.add_argument(
+        "--pooling",
+        choices=["positional", "mean", "none"],
+        default="positional",
+        help="pooled prompt route: word-and-position features (default), a bag of words, or none "
+        "(the prompt then reaches the canvas only through attention)",
+    )
     p.add_argument("--no-2d", action="store_true", help="no row/column embeddings for image tokens")
     p.add_argument(
         "--t-power", type=float, default=1.0,
@@ -124,7 +130,7 @@ def build_config(tokenizer, args: argparse.Namespace) -> DFMTransformerConfig:
         palette=[[round(255 * v) for v in rgb] for rgb in palette_rgb()],
         image_column="scene_tokens",
         time_conditioning=not args.no_time,
-        condition_pooling=not args.no_pooling,
+        condition_pooling=False if args.pooling == "none" else args.pooling,
         image_position_2d=not args.no_2d,
         task="t2i",
         pad_token_id=tokenizer.pad_token_id,
