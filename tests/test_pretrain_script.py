@@ -37,7 +37,7 @@ def test_pretrain_trains_checkpoints_and_saves_a_loadable_model(tmp_path):
     assert json.loads((out / "training_log.json").read_text())["args"]["t_power"] == 2
     model, _ = load_shapeworld_model("understanding", out)
     cfg = model.config
-    assert model.task == "understanding" and cfg.time_conditioning and cfg.condition_pooling == "positional" and cfg.image_position_2d
+    assert model.task == "understanding" and cfg.time_conditioning and cfg.condition_pooling == "mean" and cfg.image_position_2d
 
 
 def test_pretrain_rejects_bad_arguments():

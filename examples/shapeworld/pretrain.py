@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pooling",
         choices=["positional", "mean", "none"],
-        default="positional",
-        help="pooled prompt route: word-and-position features (default), a bag of words, or none "
-        "(the prompt then reaches the canvas only through attention)",
+        default="mean",
+        help="pooled prompt route: a bag of words (default, the shipped model), word-and-position "
+        "features, or none (the prompt then reaches the canvas only through attention)",
     )
     p.add_argument("--no-2d", action="store_true", help="no row/column embeddings for image tokens")
     p.add_argument(
