@@ -1,11 +1,18 @@
 """The paper's comparison on ShapeWorld: dFlowGRPO estimators vs the diffu-GRPO (d1) baseline.
 
-Same shipped base, same training prompts, same number of optimizer steps and the same seeds for
-every method; training rollouts use K = 8 steps and evaluation K = 20, as in the paper. For each
-estimator (``monte_carlo``, ``top_k``, ``posterior_only`` = diffu-GRPO) and seed, LoRA is trained
-from the base and the held-out strict GenEval-style score is measured per category.
+Same shipped base, same prompts, same number of optimizer steps and the same seeds for every
+method; training rollouts use K = 8 Euler steps and evaluation K = 20, as in the paper. Methods:
+``monte_carlo`` and ``top_k`` (dFlowGRPO) and ``posterior_only`` (diffu-GRPO).
 
-    python benchmarks/shapeworld_compare.py --seeds 0 1 2 --max-steps 40 --output benchmarks/results
+``--mode heldout`` runs the demo per method and seed (LoRA on the balanced training prompts) and
+reports the held-out strict GenEval-style score per category (mean [min, max] over seeds):
+
+    python benchmarks/shapeworld_compare.py --mode heldout --seeds 0 1 2 --max-steps 40
+
+``--mode prompt`` trains on one training prompt at a time (16 rollouts per step) and reports its
+expected partial reward over ``--probe-samples`` seeded samples, before and after:
+
+    python benchmarks/shapeworld_compare.py --mode prompt --seeds 0 1 2 --max-steps 12
 """
 
 from __future__ import annotations
@@ -16,43 +23,101 @@ import time
 from pathlib import Path
 
 from dflow_trl.data import TAGS
-from dflow_trl.demo import build_parser, run
+from dflow_trl.demo import DEMO_DEFAULTS, build_parser, build_trainer, run
 
 ESTIMATORS = ("monte_carlo", "top_k", "posterior_only")
+# Training prompts the shipped base half-solves (shape hybrids; relation at chance).
+HALF_SOLVED = ("a photo of a blue square and a red cross", "a photo of a diamond above a cross")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=["heldout", "prompt"], default="heldout")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS))
-    ap.add_argument("--max-steps", type=int, default=40)
-    ap.add_argument("--eval-per-tag", type=int, default=12)
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 40 heldout, 12 prompt)")
+    ap.add_argument("--eval-per-tag", type=int, default=12, help="heldout: prompts per category")
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--prompts", nargs="+", default=list(HALF_SOLVED), help="prompt: training prompts")
+    ap.add_argument("--probe-samples", type=int, default=64, help="prompt: samples scored before and after")
     ap.add_argument("--output", default="benchmarks/results")
     a = ap.parse_args()
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if a.mode == "heldout":
+        rows = compare_heldout(a, out)
+        table = format_table(rows)
+        groups = {
+            name: {c: [r["strict"] if c == "overall" else r["per_category"][c] for r in rs] for c in ("overall", *TAGS)}
+            for name, rs in rows.items()
+        }
+        ylabel = "held-out strict score"
+    else:
+        rows = compare_on_prompts(a)
+        table = format_prompt_table(rows)
+        groups = {}
+        for r in rows:
+            groups.setdefault(r["estimator"], {}).setdefault(r["prompt"].removeprefix("a photo of "), []).append(r["after"])
+        groups = {"base": {r["prompt"].removeprefix("a photo of "): [r["before"]] for r in rows}, **groups}
+        ylabel = "expected partial reward"
+    (out / f"compare_{a.mode}.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    (out / f"compare_{a.mode}.md").write_text(table + f"\n\nwall time: {time.perf_counter() - t0:.0f} s\n")
+    plot(groups, ylabel, out / f"compare_{a.mode}.png")
+
+
+def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {"base": []}
     bases: dict[int, dict] = {}
-    t0 = time.perf_counter()
     for seed in a.seeds:
         for est in a.estimators:
             args = build_parser().parse_args([
                 "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", est, "--seed", str(seed),
-                "--max-steps", str(a.max_steps), "--train-minutes", "1000",
+                "--max-steps", str(a.max_steps or 40), "--train-minutes", "1000",
                 "--eval-per-tag", str(a.eval_per_tag), "--eval-steps", str(a.eval_steps),
-            ])
+            ])  # fmt: skip
             res = run(args, base=bases.get(seed))
             if seed not in bases:
                 bases[seed] = res["base"]
                 rows["base"].append(res["base"])
             rows.setdefault(est, []).append(res["final"])
             print(f"[compare] {est} seed {seed}: {res['base_score']:.3f} -> {res['final_score']:.3f}", flush=True)
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    table = format_table(rows)
-    print(table)
-    (out / "compare.md").write_text(table + f"\n\nwall time: {time.perf_counter() - t0:.0f} s\n")
-    plot(rows, out / "compare.png")
+    return rows
+
+
+def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
+    import torch
+    from datasets import Dataset
+
+    from dflow_trl.data import all_prompts
+    from dflow_trl.evaluation import evaluate_t2i
+    from dflow_trl.models.pretrained import load_shapeworld_model
+
+    metas = {m["prompt"]: m for m in all_prompts()}
+    unknown = [p for p in a.prompts if p not in metas]
+    if unknown:
+        raise SystemExit(f"not ShapeWorld prompts: {unknown}")
+    rows = []
+    for prompt in a.prompts:
+        row = {"prompt": prompt, "tag": metas[prompt]["tag"], "metadata": json.dumps(metas[prompt])}
+        probe = Dataset.from_list([row] * a.probe_samples)
+        for seed in a.seeds:
+            before = None
+            for est in a.estimators:
+                torch.manual_seed(seed)
+                model, tok = load_shapeworld_model("t2i")
+                if before is None:
+                    before = evaluate_t2i(model, tok, probe, num_steps=a.eval_steps, seeds=(1000 + seed,))["partial"]
+                cfg = {**DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": a.max_steps or 12, "estimator": est}
+                trainer = build_trainer(model, tok, Dataset.from_list([row] * 16), cfg, Path(a.output) / "trainer", seed)
+                t = time.perf_counter()
+                trainer.train()
+                seconds = time.perf_counter() - t
+                after = evaluate_t2i(trainer.model, tok, probe, num_steps=a.eval_steps, seeds=(1000 + seed,))["partial"]
+                rows.append({"prompt": prompt, "estimator": est, "seed": seed, "before": before, "after": after, "train_seconds": seconds})
+                print(f"[compare] {prompt!r} {est} seed {seed}: {before:.3f} -> {after:.3f} ({seconds:.0f} s)", flush=True)
+    return rows
 
 
 def _stats(vals: list[float]) -> str:
@@ -70,27 +135,34 @@ def format_table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, list[dict]], path: Path) -> None:
+def format_prompt_table(rows: list[dict]) -> str:
+    lines = ["| prompt | method | before | after | training seconds |", "|---|---|---|---|---|"]
+    keys = dict.fromkeys((r["prompt"], r["estimator"]) for r in rows)
+    for prompt, est in keys:
+        rs = [r for r in rows if r["prompt"] == prompt and r["estimator"] == est]
+        secs = sum(r["train_seconds"] for r in rs) / len(rs)
+        cells = [_stats([r["before"] for r in rs]), _stats([r["after"] for r in rs]), f"{secs:.0f}"]
+        lines.append(f"| {prompt.removeprefix('a photo of ')} | {est} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(groups: dict[str, dict[str, list[float]]], ylabel: str, path: Path) -> None:
+    """Grouped bars: one group per x label, one bar per method (mean, whiskers at min and max)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cats = ["strict", *TAGS]
-    fig, ax = plt.subplots(figsize=(9, 3.5), dpi=120)
-    width = 0.8 / len(rows)
-    for i, (name, results) in enumerate(rows.items()):
-        means, lo, hi = [], [], []
-        for c in cats:
-            vals = [r["strict"] if c == "strict" else r["per_category"][c] for r in results]
-            m = sum(vals) / len(vals)
-            means.append(m)
-            lo.append(m - min(vals))
-            hi.append(max(vals) - m)
-        xs = [j + i * width for j in range(len(cats))]
-        ax.bar(xs, means, width, yerr=[lo, hi], label=name, capsize=2)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cats))], ["overall", *TAGS], rotation=20, fontsize=8)
-    ax.set_ylabel("held-out strict score")
+    labels = list(next(iter(groups.values())))
+    fig, ax = plt.subplots(figsize=(max(5, 1.4 * len(labels) + 2), 3.5), dpi=120)
+    width = 0.8 / len(groups)
+    for i, (name, by_label) in enumerate(groups.items()):
+        vals = [by_label[c] for c in labels]
+        means = [sum(v) / len(v) for v in vals]
+        err = [[m - min(v) for m, v in zip(means, vals)], [max(v) - m for m, v in zip(means, vals)]]
+        ax.bar([j + i * width for j in range(len(labels))], means, width, yerr=err, label=name, capsize=2)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=15, fontsize=8)
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -143,19 +143,69 @@ def _reward_curve(history: list[dict[str, Any]], out: Path, key: str) -> None:
     plt.close(fig)
 
 
+def build_trainer(
+    model: Any, tok: Any, train_data: Any, cfg: dict[str, Any], output_dir: str | Path, seed: int, callbacks: list | None = None
+) -> Any:
+    """The demo's ``DFlowGRPOTrainer``: LoRA of rank ``cfg["lora_r"]`` on every projection, one
+    optimizer step per generation batch, constant learning rate, logging every step.
+
+    ``cfg`` holds ``num_generations``, ``per_device_train_batch_size``, ``learning_rate``,
+    ``max_steps``, ``num_flow_steps``, ``estimator``, ``reward`` and ``lora_r`` (as in
+    ``DEMO_DEFAULTS``)."""
+    import torch
+    from peft import LoraConfig
+
+    from .rewards import get_reward_function
+    from .trainer import DFlowGRPOConfig, DFlowGRPOTrainer
+
+    targs = DFlowGRPOConfig(
+        output_dir=str(output_dir),
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=cfg["per_device_train_batch_size"],
+        num_generations=cfg["num_generations"],
+        learning_rate=cfg["learning_rate"],
+        lr_scheduler_type="constant",
+        max_steps=cfg["max_steps"],
+        num_flow_steps=cfg["num_flow_steps"],
+        estimator=cfg["estimator"],
+        num_mc_samples=8,
+        top_k_size=4,
+        include_last_step=True,
+        epsilon=0.2,
+        scale_rewards="batch",
+        loss_type="grpo",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        disable_tqdm=False,
+    )
+    return DFlowGRPOTrainer(
+        model=model,
+        reward_funcs=get_reward_function(cfg["reward"]),
+        args=targs,
+        train_dataset=train_data,
+        processing_class=tok,
+        peft_config=LoraConfig(
+            r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], lora_dropout=0.0,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ),
+        callbacks=callbacks,
+    )
+
+
 def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The demo; ``base`` (a previous base evaluation on the same prompts and seed) skips re-scoring it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     t_start = time.perf_counter()
     import torch
-    from peft import LoraConfig
 
     from .data import make_vqa_dataset
     from .evaluation import balanced_t2i_eval_set
     from .models.pretrained import load_shapeworld_model
-    from .rewards import get_reward_function
-    from .trainer import DFlowGRPOConfig, DFlowGRPOTrainer
 
     task = args.task
     cfg = dict(DEMO_DEFAULTS[task])
@@ -179,42 +229,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     headline = "strict" if task == "t2i" else "accuracy"
     print(f"[demo] base held-out {headline}: {base[headline]:.3f}")
 
-    targs = DFlowGRPOConfig(
-        output_dir=str(out),
-        use_cpu=not torch.cuda.is_available(),
-        bf16=False,
-        gradient_checkpointing=False,
-        per_device_train_batch_size=cfg["per_device_train_batch_size"],
-        num_generations=cfg["num_generations"],
-        learning_rate=cfg["learning_rate"],
-        lr_scheduler_type="constant",
-        max_steps=cfg["max_steps"],
-        num_flow_steps=cfg["num_flow_steps"],
-        estimator=cfg["estimator"],
-        num_mc_samples=8,
-        top_k_size=4,
-        include_last_step=True,
-        epsilon=0.2,
-        scale_rewards="batch",
-        loss_type="grpo",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=args.seed,
-        disable_tqdm=False,
-    )
-    trainer = DFlowGRPOTrainer(
-        model=model,
-        reward_funcs=get_reward_function(cfg["reward"]),
-        args=targs,
-        train_dataset=train_data,
-        processing_class=tok,
-        peft_config=LoraConfig(
-            r=cfg["lora_r"], lora_alpha=2 * cfg["lora_r"], lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ),
-        callbacks=[TimeBudgetCallback(cfg["train_minutes"] * 60)],
-    )
+    trainer = build_trainer(model, tok, train_data, cfg, out, args.seed, callbacks=[TimeBudgetCallback(cfg["train_minutes"] * 60)])
     print(f"[demo] dFlowGRPO with LoRA for up to {cfg['train_minutes']:.1f} min …")
     t_train = time.perf_counter()
     trainer.train()
