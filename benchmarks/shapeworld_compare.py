@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--prompts", nargs="+", default=list(HALF_SOLVED), help="prompt: training prompts")
     ap.add_argument("--probe-samples", type=int, default=64, help="prompt: samples scored before and after")
+    ap.add_argument("--learning-rate", type=float, default=None, help="prompt: LoRA learning rate (default: the demo's)")
     ap.add_argument("--output", default="benchmarks/results")
     a = ap.parse_args()
     out = Path(a.output)
@@ -110,6 +111,8 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
                 if before is None:
                     before = evaluate_t2i(model, tok, probe, num_steps=a.eval_steps, seeds=(1000 + seed,))["partial"]
                 cfg = {**DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": a.max_steps or 12, "estimator": est}
+                if a.learning_rate is not None:
+                    cfg["learning_rate"] = a.learning_rate
                 trainer = build_trainer(model, tok, Dataset.from_list([row] * 16), cfg, Path(a.output) / "trainer", seed)
                 t = time.perf_counter()
                 trainer.train()
