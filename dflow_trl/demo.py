@@ -24,7 +24,8 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     "t2i": dict(
         num_generations=8,
         per_device_train_batch_size=32,
-        learning_rate=2e-3,
+        # 2e-3 made single-prompt runs scatter or collapse (benchmarks/README.md).
+        learning_rate=5e-4,
         num_flow_steps=8,
         eval_steps=12,
         eval_per_tag=12,
