@@ -46,3 +46,21 @@ def test_pretrain_rejects_bad_arguments():
         script.parse_args(["--output-dir", "x", "--steps", "3", "--minutes", "1"])
     with pytest.raises(SystemExit):
         script.parse_args(["--output-dir", "x", "--steps", "3", "--t-power", "0"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output-dir", "x", "--steps", "3", "--held-out-rate", "1.5"])
+
+
+def test_held_out_rate_mixes_in_test_prompts_only_when_asked():
+    import random
+
+    from dflow_trl.data import all_prompts, in_split
+
+    script = _load_script()
+    metas = {m["prompt"]: m for m in all_prompts()}
+    train_only = script.T2ISource(random.Random(0), 0.5).batch(64).prompts
+    assert all(in_split(metas[p], "train") for p in train_only)
+    test_only = script.T2ISource(random.Random(0), 0.5, held_out_rate=1.0).batch(64).prompts
+    assert all(in_split(metas[p], "test") for p in test_only)
+    mixed = script.T2ISource(random.Random(0), 0.5, held_out_rate=0.5).batch(200).prompts
+    held = sum(not in_split(metas[p], "train") for p in mixed)
+    assert 60 < held < 140, held

@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="a prompt category is drawn with weight (#prompts)^power: 0 = categories equally, 1 = prompts equally",
     )
+    p.add_argument(
+        "--held-out-rate",
+        type=float,
+        default=0.0,
+        help="fraction of text-to-image pairs drawn from the held-out (test) prompts (default 0: none)",
+    )
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=0, help="also save to OUTPUT_DIR/step-N every N steps (0: only at the end)")
@@ -109,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--save-every must be >= 0")
     if not 0 <= args.uncond_prob < 1:
         p.error("--uncond-prob must lie in [0, 1)")
+    if not 0 <= args.held_out_rate <= 1:
+        p.error("--held-out-rate must lie in [0, 1]")
     return args
 
 
@@ -148,20 +156,32 @@ class Batch:
 
 
 class T2ISource:
-    """Endless TRAIN text-to-image pairs: a prompt (category drawn with weight ``n^power``) and its
-    canonical scene (``place_scene(..., canonical=True)``), which shows nothing held out."""
+    """Endless text-to-image pairs: a prompt (category drawn with weight ``n^power``) and its
+    canonical scene (``place_scene(..., canonical=True)``). TRAIN prompts only, so nothing held out
+    is shown, unless ``held_out_rate`` > 0: then that fraction of pairs comes from the TEST prompts
+    (a corpus in which the held-out combinations are rare rather than absent)."""
 
-    def __init__(self, rng: random.Random, tag_power: float) -> None:
+    def __init__(self, rng: random.Random, tag_power: float, held_out_rate: float = 0.0) -> None:
         self.rng = rng
-        self.by_tag = {tag: t2i_prompts("train", [tag]) for tag in TAGS}
-        self.tags = [t for t in TAGS if self.by_tag[t]]
-        self.weights = [len(self.by_tag[t]) ** tag_power for t in self.tags]
+        self.held_out_rate = held_out_rate
+        self.pools = []
+        for split in ("train", "test"):
+            by_tag = {tag: t2i_prompts(split, [tag]) for tag in TAGS}
+            tags = [t for t in TAGS if by_tag[t]]
+            self.pools.append((by_tag, tags, [len(by_tag[t]) ** tag_power for t in tags]))
 
     def batch(self, n: int) -> Batch:
         prompts, grids = [], []
-        for tag in self.rng.choices(self.tags, self.weights, k=n):
-            meta = self.rng.choice(self.by_tag[tag])
-            spec = spec_from_metadata(meta, self.rng, train_safe=True, canonical=True)
+        by_tag, tags, weights = self.pools[0]
+        for tag in self.rng.choices(tags, weights, k=n):
+            # With held_out_rate = 0 this draws exactly the random stream the shipped model saw.
+            held_out = self.held_out_rate > 0 and self.rng.random() < self.held_out_rate
+            if held_out:
+                test_by_tag, test_tags, test_weights = self.pools[1]
+                meta = self.rng.choice(test_by_tag[self.rng.choices(test_tags, test_weights)[0]])
+            else:
+                meta = self.rng.choice(by_tag[tag])
+            spec = spec_from_metadata(meta, self.rng, train_safe=not held_out, canonical=True)
             prompts.append(meta["prompt"])
             grids.append(render_scene(spec, self.rng, canonical=True).flatten())
         return Batch(prompts, torch.stack(grids).long())
@@ -228,7 +248,7 @@ def train(args: argparse.Namespace) -> dict:
     model = DFMTransformer(build_config(tokenizer, args))
     n_params = sum(p.numel() for p in model.parameters())
     print(f"DFMTransformer: {n_params:,} parameters; canvas {CANVAS_LENGTH} image / {ANSWER_LENGTH} text tokens")
-    t2i, vqa = T2ISource(rng, args.tag_power), VQASource(rng, tokenizer, args.vqa_pool, args.seed)
+    t2i, vqa = T2ISource(rng, args.tag_power, args.held_out_rate), VQASource(rng, tokenizer, args.vqa_pool, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
 
     start, step, history = time.monotonic(), 0, []
