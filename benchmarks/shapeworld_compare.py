@@ -57,10 +57,12 @@ def main() -> None:
     else:
         rows = compare_on_prompts(a)
         table = format_prompt_table(rows)
-        groups = {}
+        groups: dict[str, dict[str, list[float]]] = {"base": {}}
         for r in rows:
-            groups.setdefault(r["estimator"], {}).setdefault(r["prompt"].removeprefix("a photo of "), []).append(r["after"])
-        groups = {"base": {r["prompt"].removeprefix("a photo of "): [r["before"]] for r in rows}, **groups}
+            label = r["prompt"].removeprefix("a photo of ")
+            groups.setdefault(r["estimator"], {}).setdefault(label, []).append(r["after"])
+            if r["estimator"] == a.estimators[0]:  # one base score per (prompt, seed), shared by the methods
+                groups["base"].setdefault(label, []).append(r["before"])
         ylabel = "expected partial reward"
     (out / f"compare_{a.mode}.json").write_text(json.dumps(rows, indent=2))
     print(table)
