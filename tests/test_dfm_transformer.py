@@ -67,6 +67,40 @@ def test_positional_pooling_reads_word_order():
     torch.testing.assert_close(both[1:], _pooled(model, ["red"], zeros))
 
 
+@pytest.mark.parametrize("task", ["t2i", "understanding"])
+def test_encoder_pooling_reads_word_order_and_only_the_prompt(task):
+    model = tiny_model("uniform", task=task, condition_pooling="encoder").eval()
+    enc = model.condition_encoder
+    for weight in (enc.self_attn.o_proj.weight, enc.mlp.down_proj.weight):
+        torch.nn.init.normal_(weight, std=0.2)  # a trained encoder: its zero init is the identity
+    d = model.canvas_length
+    col = model.config.image_column
+    img = {col: [[1] * model.config.image_canvas_length]} if task == "understanding" else {}
+    other = {col: [[0] * model.config.image_canvas_length]} if task == "understanding" else {}
+    zeros = torch.zeros(1, d, dtype=torch.long)
+    red = _pooled(model, ["a red square"], zeros, **img)
+    assert not torch.allclose(red, _pooled(model, ["a square red"], zeros, **img), atol=1e-4)
+    torch.testing.assert_close(red, _pooled(model, ["a red square"], torch.ones_like(zeros), **other))
+    # The encoder sees only the prompt, with relative positions: padding beside a longer prompt
+    # changes nothing, and an empty prompt gives a finite (all-zero-weight) pool.
+    pair = {k: v * 2 for k, v in img.items()}
+    both = _pooled(model, ["a red square", "red"], torch.zeros(2, d, dtype=torch.long), **pair)
+    torch.testing.assert_close(both[:1], red)
+    torch.testing.assert_close(both[1:], _pooled(model, ["red"], zeros, **img))
+    assert torch.isfinite(_pooled(model, [""], zeros, **img)).all()
+
+
+def test_encoder_pooling_starts_as_mean_pooling():
+    torch.manual_seed(0)
+    enc = tiny_model("uniform", condition_pooling="encoder").eval()
+    torch.manual_seed(0)
+    mean = tiny_model("uniform", condition_pooling="mean").eval()
+    mean.load_state_dict(enc.state_dict(), strict=False)
+    zeros = torch.zeros(1, enc.canvas_length, dtype=torch.long)
+    for prompt in ("a red square", "a square red"):
+        torch.testing.assert_close(_pooled(enc, [prompt], zeros), _pooled(mean, [prompt], zeros))
+
+
 def test_pooling_values_are_checked_and_true_means_mean(tmp_path):
     assert tiny_model("uniform", condition_pooling=True).config.condition_pooling == "mean"
     assert tiny_model("uniform", condition_pooling=True).condition_mixer is None

@@ -64,3 +64,26 @@ def test_held_out_rate_mixes_in_test_prompts_only_when_asked():
     mixed = script.T2ISource(random.Random(0), 0.5, held_out_rate=0.5).batch(200).prompts
     held = sum(not in_split(metas[p], "train") for p in mixed)
     assert 60 < held < 140, held
+
+
+def test_init_from_copies_shared_weights_and_leaves_new_routes_fresh(tmp_path):
+    import torch
+
+    script = _load_script()
+    small = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
+             "--batch-size", "2", "--vqa-batch-size", "2", "--vqa-pool", "8"]  # fmt: skip
+    script.train(script.parse_args(["--output-dir", str(tmp_path / "a"), "--steps", "1", *small]))
+    args = script.parse_args(["--output-dir", str(tmp_path / "b"), "--steps", "1", "--pooling", "encoder", *small])
+    tok = script.build_shapeworld_tokenizer()
+    warm = script.DFMTransformer(script.build_config(tok, args))
+    script.init_from(warm, tmp_path / "a")
+    source, _ = load_shapeworld_model("t2i", tmp_path / "a")
+    torch.testing.assert_close(warm.layers[0].mlp.up_proj.weight, source.layers[0].mlp.up_proj.weight)
+    assert warm.condition_encoder.self_attn.o_proj.weight.abs().sum() == 0  # fresh: the identity
+    # A model without a route the source has cannot take its weights silently.
+    args = script.parse_args(["--output-dir", str(tmp_path / "c"), "--steps", "1", "--pooling", "none", *small])
+    with pytest.raises(ValueError, match="has no"):
+        script.init_from(script.DFMTransformer(script.build_config(tok, args)), tmp_path / "a")
+    args = script.parse_args(["--output-dir", str(tmp_path / "d"), "--steps", "1", *small[:-6], "--hidden", "16"])
+    with pytest.raises(ValueError, match="shapes differ"):
+        script.init_from(script.DFMTransformer(script.build_config(tok, args)), tmp_path / "a")

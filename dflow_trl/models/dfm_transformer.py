@@ -32,7 +32,7 @@ from .base import DiscreteFlowModelMixin, FlowInputs
 Task = Literal["t2i", "understanding"]
 
 
-POOLINGS = ("mean", "positional")
+POOLINGS = ("mean", "positional", "encoder")
 
 
 def _check_pooling(value: bool | str | None) -> str | bool:
@@ -68,7 +68,10 @@ class DFMTransformerConfig(PretrainedConfig):
             position: ``"mean"`` (or ``True``) pools their embeddings, a bag of words;
             ``"positional"`` pools ``GELU(W (e(w_i) + p_i))`` with ``p_i`` the embedding of the
             word's index in the prompt, so "a square left of a circle" and "a circle left of a
-            square" differ. Attention alone lets a small model trained briefly ignore a short
+            square" differ; ``"encoder"`` pools the outputs of one bidirectional Llama layer run
+            over the prompt alone (SD3's pooled text embedding in miniature), so each word's
+            feature already holds its neighbours: which colour goes with which shape, which
+            shape comes first. Attention alone lets a small model trained briefly ignore a short
             prompt among hundreds of canvas tokens.
         image_position_2d: also give every image token (canvas or condition) learned row and
             column embeddings, so what the model learns at one cell carries over to cells in the
@@ -203,6 +206,10 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             if config.condition_pooling == "positional"
             else None
         )
+        self.condition_encoder = None
+        if config.condition_pooling == "encoder":
+            self.condition_encoder = LlamaDecoderLayer(llama, layer_idx=config.num_hidden_layers)
+            self.condition_encoder.self_attn.is_causal = False
         self.layers = nn.ModuleList([LlamaDecoderLayer(llama, layer_idx=i) for i in range(config.num_hidden_layers)])
         for layer in self.layers:
             layer.self_attn.is_causal = False
@@ -223,6 +230,12 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        enc = getattr(self, "condition_encoder", None)
+        if enc is not None and module in (enc.self_attn.o_proj, enc.mlp.down_proj):
+            # Zero-initialised residual branches (as DiT's adaLN-zero): the encoder starts as the
+            # identity, so "encoder" pooling starts as "mean" pooling and only learns what
+            # word order adds; from a random start its noise drowned the bag-of-words signal.
+            nn.init.zeros_(module.weight)
 
     # ---- task ---------------------------------------------------------------------------------
     @property
@@ -342,6 +355,7 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         h = self.embed_tokens(input_ids)
         pooled = self._pooled_condition(h, input_ids, attention_mask, canvas_mask)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         if self.time_mlp is not None:
             if flow_time is None:
                 raise ValueError("this DFMTransformer is time-conditioned: pass flow_time (t of x_t) to forward")
@@ -349,7 +363,6 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             h = h + self.time_mlp(_time_features(t)).unsqueeze(1)
         if pooled is not None:
             h = h + self.condition_proj(pooled).unsqueeze(1)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         h = h + self.embed_positions(positions)
         if self.config.image_position_2d:
             h = h + self._image_positions(input_ids)
@@ -368,8 +381,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         self, emb: torch.Tensor, ids: torch.LongTensor, attention_mask: torch.Tensor, canvas_mask: torch.BoolTensor | None
     ) -> torch.Tensor | None:
         """Mean over the condition's text tokens (not the canvas, not image tokens) of their
-        embeddings (``"mean"``) or of ``GELU(W (e(w_i) + p_i))`` (``"positional"``), scaled to
-        unit RMS; None without ``condition_pooling``."""
+        embeddings (``"mean"``), of ``GELU(W (e(w_i) + p_i))`` (``"positional"``) or of the
+        prompt encoder's outputs (``"encoder"``), scaled to unit RMS; None without
+        ``condition_pooling``."""
         if self.condition_proj is None:
             return None
         cond = attention_mask.bool() & (ids < self.config.text_vocab_size)
@@ -379,11 +393,32 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             # Index within the prompt, not within the sequence, so padding does not shift it.
             rank = (cond.long().cumsum(1) - 1).clamp_min(0)
             emb = self.condition_mixer(emb + self.embed_positions(rank))
+        if self.condition_encoder is not None:
+            emb, cond = self._encode_prompt(emb, cond)
         w = cond.unsqueeze(-1).to(emb.dtype)
         pooled = (emb * w).sum(1) / w.sum(1).clamp_min(1.0)
         # Unit RMS: prompts share most words, so their raw means differ by a small fraction of an
         # already small embedding, and training took far longer to pick up that difference.
         return nn.functional.rms_norm(pooled, pooled.shape[-1:], eps=self.config.rms_norm_eps)
+
+    def _encode_prompt(self, emb: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt encoder over the prompt span only: the ``max_prompt_length`` positions and
+        ``<sep>`` just before the canvas (the layout of :meth:`prepare_flow_inputs`, the tokens
+        ``"mean"`` pools), padding masked out of the keys."""
+        n = self.config.max_prompt_length + 1
+        end = emb.shape[1] - self.canvas_length
+        span, keep = emb[:, end - n : end], cond[:, end - n : end]
+        # A row with no prompt token (an empty prompt) would attend to nothing; its output is
+        # weighted 0 in the mean anyway, so let it attend everywhere instead of producing NaN.
+        keys = keep | ~keep.any(1, keepdim=True)
+        mask = create_bidirectional_mask(
+            config=self._llama_config, inputs_embeds=span, attention_mask=keys, allow_is_bidirectional_skip=False
+        )
+        positions = torch.arange(n, device=emb.device).unsqueeze(0)
+        out = self.condition_encoder(
+            span, attention_mask=mask, position_ids=positions, position_embeddings=self.rotary_emb(span, positions)
+        )
+        return out, keep
 
     def _image_positions(self, ids: torch.LongTensor) -> torch.Tensor:
         """Row + column embeddings at image tokens (ids ≥ V_txt, row-major), zero elsewhere."""

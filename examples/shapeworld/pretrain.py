@@ -77,10 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-time", action="store_true", help="no time conditioning (FUDOKI-like; generates worse)")
     p.add_argument(
         "--pooling",
-        choices=["positional", "mean", "none"],
+        choices=["encoder", "positional", "mean", "none"],
         default="mean",
-        help="pooled prompt route: a bag of words (default, the shipped model), word-and-position "
-        "features, or none (the prompt then reaches the canvas only through attention)",
+        help="pooled prompt route: one transformer layer over the prompt, a bag of words (default, "
+        "the shipped model), word-and-position features, or none (the prompt then reaches the "
+        "canvas only through attention)",
     )
     p.add_argument("--no-2d", action="store_true", help="no row/column embeddings for image tokens")
     p.add_argument(
@@ -103,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--save-every", type=int, default=0, help="also save to OUTPUT_DIR/step-N every N steps (0: only at the end)")
+    p.add_argument(
+        "--init-from", type=Path, default=None,
+        help="start from this model folder's weights (same sizes); parameters it lacks, e.g. a new "
+        "pooling route's, keep their fresh initialisation",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     if (args.steps is None) == (args.minutes is None):
@@ -238,6 +244,21 @@ def save(model: DFMTransformer, tokenizer, directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+def init_from(model: DFMTransformer, directory: Path) -> None:
+    """Copy every parameter ``directory``'s model shares with ``model`` (name and shape)."""
+    source = DFMTransformer.from_pretrained(directory).state_dict()
+    own = model.state_dict()
+    mismatched = [k for k in source if k in own and source[k].shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"--init-from {directory}: shapes differ for {mismatched[:3]}; use the same model sizes")
+    unknown = [k for k in source if k not in own]
+    if unknown:
+        raise ValueError(f"--init-from {directory}: this model has no {unknown[:3]}; drop the option that removed them")
+    model.load_state_dict(source, strict=False)
+    fresh = sorted({k.split(".")[0] for k in own if k not in source})
+    print(f"initialised from {directory}; fresh: {fresh or 'nothing'}")
+
+
 def train(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,6 +267,8 @@ def train(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     tokenizer = build_shapeworld_tokenizer()
     model = DFMTransformer(build_config(tokenizer, args))
+    if args.init_from is not None:
+        init_from(model, args.init_from)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"DFMTransformer: {n_params:,} parameters; canvas {CANVAS_LENGTH} image / {ANSWER_LENGTH} text tokens")
     t2i, vqa = T2ISource(rng, args.tag_power, args.held_out_rate), VQASource(rng, tokenizer, args.vqa_pool, args.seed)
