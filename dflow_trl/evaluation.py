@@ -114,12 +114,15 @@ def evaluate_t2i(
     cfg_scale: float = 0.0,
     batch_size: int = 32,
     temperature: float = 1.0,
+    return_samples: bool = False,
 ) -> dict[str, Any]:
     """Text-to-image scores of ``model`` on ``dataset`` (columns ``prompt``, ``tag``, ``metadata``).
 
     Returns ``strict`` and ``partial`` (mean over prompts, each prompt averaged over ``seeds``),
     ``per_category`` / ``per_category_partial`` (means per tag), ``geneval`` (mean of the
-    per-category strict scores, GenEval's overall) and ``n`` (prompts).
+    per-category strict scores, GenEval's overall), ``per_prompt`` (each prompt's strict score)
+    and ``n`` (prompts). ``return_samples`` adds ``samples``: the grids drawn with the first seed,
+    one per prompt, for pictures that show exactly what was scored.
     """
     _check_common(dataset, ("prompt", "tag", "metadata"), num_steps, seeds, batch_size)
     prompts, tags, metas = dataset["prompt"], dataset["tag"], dataset["metadata"]
@@ -129,19 +132,25 @@ def evaluate_t2i(
         batches = _sampled_batches(
             model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature
         )
+        samples: list[list[int]] = []
         for s, canvas in batches:
             for i, grid in enumerate(canvas):
                 st, pa, _ = score_t2i(grid, metas[s + i])
                 strict[s + i] += st / len(seeds)
                 partial[s + i] += pa / len(seeds)
+                if return_samples and len(samples) < len(prompts):
+                    samples.append(grid.tolist())
     per_category = _mean_by(tags, strict)
+    extra = {"samples": samples} if return_samples else {}
     return {
         "strict": sum(strict) / len(strict),
         "partial": sum(partial) / len(partial),
         "geneval": sum(per_category.values()) / len(per_category),
         "per_category": per_category,
         "per_category_partial": _mean_by(tags, partial),
+        "per_prompt": strict,
         "n": len(prompts),
+        **extra,
     }
 
 

@@ -283,6 +283,13 @@ def test_grid_to_image_and_strip():
     no_labels = render_grid_strip([grid.tolist(), grid.numpy()], scale=2)
     assert no_labels.size == (one_row.size[0], one_row.size[1] - 12)
     two_rows = render_grid_strip([[grid, grid], [grid, grid]], row_labels=["seed 0", "seed 1"], scale=2)
+    marked = render_grid_strip([[grid, grid]], scale=2, marks=[[True, False]]).convert("RGB")
+    x0 = 4  # the first grid's left edge: one gap in
+    assert marked.getpixel((x0 - 1, 10)) == (0, 170, 0)
+    assert marked.getpixel((x0 + 32 + 4 - 1, 10)) == (220, 0, 0)
+    assert render_grid_strip([[grid, grid]], scale=2, marks=[[None, None]]).getpixel((x0 - 1, 10)) == (255, 255, 255)
+    with pytest.raises(ValueError, match="one entry per grid"):
+        render_grid_strip([[grid, grid]], marks=[[True]])
     cell, gap = GRID * 2, 4
     assert one_row.size == (2 * cell + 3 * gap, cell + 2 * gap + 12)  # a caption line under the row
     assert two_rows.size[1] == 2 * cell + 3 * gap and two_rows.size[0] > one_row.size[0]  # labels on the left

@@ -112,12 +112,14 @@ def render_grid_strip(
     row_labels: Sequence[str] | None = None,
     scale: int = 8,
     gap: int = 4,
+    marks: Sequence[Sequence[bool | None]] | None = None,
 ) -> Image.Image:
     """Grids side by side in one picture, e.g. before/after RL samples for the same prompts.
 
     ``rows`` is either a sequence of grids (one row) or a sequence of rows of grids (all rows the
     same length). ``labels`` captions the columns (drawn under the last row); ``row_labels``
-    captions the rows (drawn left of each row).
+    captions the rows (drawn left of each row). ``marks`` (one per grid, shaped like the rows)
+    frames a grid green (True: it satisfies its prompt), red (False) or not at all (None).
     """
     if len(rows) == 0:
         raise ValueError("render_grid_strip needs at least one grid")
@@ -129,6 +131,8 @@ def render_grid_strip(
         raise ValueError(f"got {len(labels)} labels for {ncols} columns")
     if row_labels is not None and len(row_labels) != len(grid_rows):
         raise ValueError(f"got {len(row_labels)} row labels for {len(grid_rows)} rows")
+    if marks is not None and [len(m) for m in marks] != [len(r) for r in grid_rows]:
+        raise ValueError(f"marks must hold one entry per grid ({len(grid_rows)} rows of {ncols})")
 
     cell = GRID * scale
     caption_h = 12 if labels else 0
@@ -142,7 +146,12 @@ def render_grid_strip(
         if row_labels:
             draw.text((2, y + cell // 2 - 5), row_labels[i], fill=(0, 0, 0))
         for j, grid in enumerate(row):
-            canvas.paste(grid_to_image(grid, scale), (left_w + gap + j * (cell + gap), y))
+            x = left_w + gap + j * (cell + gap)
+            canvas.paste(grid_to_image(grid, scale), (x, y))
+            mark = None if marks is None else marks[i][j]
+            if mark is not None:
+                colour = (0, 170, 0) if mark else (220, 0, 0)
+                draw.rectangle((x - 2, y - 2, x + cell + 1, y + cell + 1), outline=colour, width=2)
     if labels:
         y = height - caption_h
         for j, text in enumerate(labels):
