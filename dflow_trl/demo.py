@@ -250,11 +250,12 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         (out / "adapter" / "README.md").write_text((out / "README.md").read_text())
     reward_key = f"rewards/{cfg['reward']}/mean"
     _reward_curve(trainer.state.log_history, out, reward_key)
-    if task == "t2i" and "samples" in base:
-        _picture(eval_data, base, final, out)
-    elif task == "t2i":
-        print("[demo] no before/after picture: the base evaluation passed in holds no samples")
     if task == "t2i":
+        if "samples" in base:
+            _picture(eval_data, base, final, out)
+        else:
+            print("[demo] no before/after picture: the base evaluation passed in holds no samples")
+        # The grids made the picture; results.json keeps the scores.
         base, final = ({k: v for k, v in r.items() if k != "samples"} for r in (base, final))
     results = {
         "task": task,

@@ -36,7 +36,8 @@ POOLINGS = ("mean", "positional", "encoder")
 
 
 def _check_pooling(value: bool | str | None) -> str | bool:
-    """``condition_pooling`` normalised: False (none), ``"mean"`` (True is accepted for it) or ``"positional"``."""
+    """``condition_pooling`` normalised: False (none), ``"mean"`` (True is accepted for it),
+    ``"positional"`` or ``"encoder"``."""
     if value is None or value is False:
         return False
     if value is True:
@@ -355,7 +356,6 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         h = self.embed_tokens(input_ids)
         pooled = self._pooled_condition(h, input_ids, attention_mask, canvas_mask)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         if self.time_mlp is not None:
             if flow_time is None:
                 raise ValueError("this DFMTransformer is time-conditioned: pass flow_time (t of x_t) to forward")
@@ -363,6 +363,7 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             h = h + self.time_mlp(_time_features(t)).unsqueeze(1)
         if pooled is not None:
             h = h + self.condition_proj(pooled).unsqueeze(1)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         h = h + self.embed_positions(positions)
         if self.config.image_position_2d:
             h = h + self._image_positions(input_ids)
