@@ -1,10 +1,11 @@
 """The paper's comparison on ShapeWorld: dFlowGRPO estimators vs the diffu-GRPO (d1) baseline.
 
 Same shipped base, same prompts, same number of optimizer steps and the same seeds for every
-method; training rollouts use K = 8 Euler steps and evaluation K = 20, as in the paper. Methods:
-``monte_carlo`` and ``top_k`` (dFlowGRPO) and ``posterior_only`` (diffu-GRPO).
+method; training rollouts use K = 8 Euler steps. Methods: ``monte_carlo`` and ``top_k``
+(dFlowGRPO) and ``posterior_only`` (diffu-GRPO).
 
-``--mode heldout`` runs the demo per method and seed (LoRA on the balanced training prompts) and
+``--mode heldout`` runs the demo per method and seed (LoRA on the balanced training prompts, the
+demo's evaluation: 24 held-out prompts per category × 4 samples at K = 8 unless overridden) and
 reports the held-out strict GenEval-style score per category (mean [min, max] over seeds):
 
     python benchmarks/shapeworld_compare.py --mode heldout --seeds 0 1 2 --max-steps 40
@@ -36,8 +37,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 40 heldout, 12 prompt)")
-    ap.add_argument("--eval-per-tag", type=int, default=12, help="heldout: prompts per category")
-    ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)")
+    ap.add_argument("--eval-samples", type=int, default=None, help="heldout: samples per prompt (default: the demo's)")
+    ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation (default: the demo's)")
     ap.add_argument("--prompts", nargs="+", default=list(HALF_SOLVED), help="prompt: training prompts")
     ap.add_argument("--probe-samples", type=int, default=64, help="prompt: samples scored before and after")
     ap.add_argument("--learning-rate", type=float, default=None, help="prompt: LoRA learning rate (default: the demo's)")
@@ -75,10 +77,11 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     bases: dict[int, dict] = {}
     for seed in a.seeds:
         for est in a.estimators:
+            overrides = {"--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples, "--eval-steps": a.eval_steps}
             args = build_parser().parse_args([
                 "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", est, "--seed", str(seed),
-                "--max-steps", str(a.max_steps or 40), "--train-minutes", "1000",
-                "--eval-per-tag", str(a.eval_per_tag), "--eval-steps", str(a.eval_steps),
+                "--max-steps", str(a.max_steps or DEMO_DEFAULTS["t2i"]["max_steps"]), "--train-minutes", "1000",
+                *[str(x) for flag, v in overrides.items() if v is not None for x in (flag, v)],
             ])  # fmt: skip
             res = run(args, base=bases.get(seed))
             if seed not in bases:
@@ -97,6 +100,7 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
     from dflow_trl.evaluation import evaluate_t2i
     from dflow_trl.models.pretrained import load_shapeworld_model
 
+    eval_steps = a.eval_steps or DEMO_DEFAULTS["t2i"]["eval_steps"]
     metas = {m["prompt"]: m for m in all_prompts()}
     unknown = [p for p in a.prompts if p not in metas]
     if unknown:
@@ -111,7 +115,7 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
                 torch.manual_seed(seed)
                 model, tok = load_shapeworld_model("t2i")
                 if before is None:
-                    before = evaluate_t2i(model, tok, probe, num_steps=a.eval_steps, seeds=(1000 + seed,))["partial"]
+                    before = evaluate_t2i(model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,))["partial"]
                 cfg = {**DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": a.max_steps or 12, "estimator": est}
                 if a.learning_rate is not None:
                     cfg["learning_rate"] = a.learning_rate
@@ -119,7 +123,7 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
                 t = time.perf_counter()
                 trainer.train()
                 seconds = time.perf_counter() - t
-                after = evaluate_t2i(trainer.model, tok, probe, num_steps=a.eval_steps, seeds=(1000 + seed,))["partial"]
+                after = evaluate_t2i(trainer.model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,))["partial"]
                 rows.append({"prompt": prompt, "estimator": est, "seed": seed, "before": before, "after": after, "train_seconds": seconds})
                 print(f"[compare] {prompt!r} {est} seed {seed}: {before:.3f} -> {after:.3f} ({seconds:.0f} s)", flush=True)
     return rows

@@ -1,9 +1,12 @@
 """``dflow-trl demo``: dFlowGRPO on the shipped ShapeWorld model, before and after, on a laptop CPU.
 
-1. score the shipped base on held-out prompts (GenEval-style strict score per category, or VQA
-   exact-match accuracy with ``--task understanding``);
-2. run dFlowGRPO with LoRA on the training prompts, within a time budget;
-3. score again with the same prompts and seeds, and write ``results.json``, ``reward_curve.png``,
+1. score the shipped base on held-out prompts (GenEval-style strict score per category, several
+   samples per prompt, with its standard error; or VQA exact-match accuracy with
+   ``--task understanding``);
+2. run dFlowGRPO with LoRA on the training prompts for a fixed number of steps (a wall-clock
+   budget stops it early only as a safety net);
+3. score again with the same prompts and seeds, and write ``results.json``, ``samples.jsonl``
+   (every scored sample, before and after, to rescore), ``reward_curve.png``,
    ``samples_before_after.png`` and the adapter with its model card to ``--output-dir``.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # Tuned on a 2-core CPU to finish in ≤ 5 minutes, evaluations included (docs/shapeworld.md).
@@ -28,13 +32,15 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         learning_rate=5e-4,
         # The paper's step counts: rollouts at K = 8, evaluation at K = 20.
         num_flow_steps=8,
-        eval_steps=20,
-        eval_per_tag=12,
+        eval_steps=8,
+        # 24 prompts per category × 4 samples (GenEval draws 4): standard error about 0.02.
+        eval_per_tag=24,
+        eval_samples=4,
         estimator="top_k",
         reward="shapeworld_partial",
         lora_r=16,
-        # 40 steps, as benchmarks/shapeworld_compare.py --mode heldout, take about 3.5 minutes.
-        train_minutes=3.75,
+        # A safety net only: the default run ends at max_steps well inside it.
+        train_minutes=6.0,
         max_steps=40,
     ),
     "understanding": dict(
@@ -44,6 +50,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         num_flow_steps=4,
         eval_steps=4,
         eval_per_tag=0,
+        eval_samples=1,
         estimator="exact",
         reward="shapeworld_answer",
         lora_r=16,
@@ -64,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-per-tag", type=int, default=None, help="held-out prompts per category (t2i)")
     ap.add_argument("--eval-questions", type=int, default=240, help="held-out questions (understanding)")
     ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation rollouts")
+    ap.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt (t2i)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="model folder (default: the shipped ShapeWorld model)")
     return ap
@@ -96,36 +104,87 @@ class TimeBudgetCallback(TrainerCallback):
         return control
 
 
-def _evaluate(task: str, model: Any, tok: Any, data: Any, steps: int, seed: int) -> dict[str, Any]:
+class ProgressBar(TrainerCallback):
+    """A progress bar with the mean training reward, in place of TRL's printing of every logged
+    metric (those still reach the trackers in ``report_to``)."""
+
+    def __init__(self, reward_key: str) -> None:
+        self.reward_key, self.bar = reward_key, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, desc="[demo] dFlowGRPO", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and self.reward_key in logs:
+            self.bar.set_postfix(reward=f"{logs[self.reward_key]:.3f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def eval_seeds(seed: int, samples: int) -> tuple[int, ...]:
+    """The evaluation's seeds: ``samples`` per prompt, the same for the base and the tuned model."""
+    return tuple(1000 * seed + j for j in range(samples))
+
+
+def _evaluate(task: str, model: Any, tok: Any, data: Any, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
     from .evaluation import evaluate_t2i, evaluate_vqa
 
+    seeds = eval_seeds(seed, cfg["eval_samples"])
     if task == "t2i":
-        return evaluate_t2i(model, tok, data, num_steps=steps, seeds=(seed,), batch_size=64, return_samples=True)
-    return evaluate_vqa(model, tok, data, num_steps=steps, seeds=(seed,), batch_size=64)
+        return evaluate_t2i(model, tok, data, num_steps=cfg["eval_steps"], seeds=seeds, batch_size=64, return_samples=True)
+    return evaluate_vqa(model, tok, data, num_steps=cfg["eval_steps"], seeds=seeds, batch_size=64)
 
 
-def picture_columns(tags: list[str], base: list[float], final: list[float]) -> list[int]:
-    """One held-out prompt per category for the before/after picture: the first whose strict
-    score changed, so the picture shows what RL changed, else the category's first prompt."""
-    columns = []
+def picture_columns(tags: list[str], per_tag: int = 1) -> list[int]:
+    """The held-out prompts the before/after picture shows: the first ``per_tag`` of each category
+    in evaluation order, chosen before anything is scored, so they are representative rather
+    than the ones RL happened to change."""
+    columns: list[int] = []
     for tag in dict.fromkeys(tags):
-        rows = [i for i, t in enumerate(tags) if t == tag]
-        changed = [i for i in rows if base[i] != final[i]]
-        columns.append((changed or rows)[0])
+        columns += [i for i, t in enumerate(tags) if t == tag][:per_tag]
     return columns
 
 
 def _picture(eval_data: Any, base: dict[str, Any], final: dict[str, Any], out: Path) -> None:
-    """The scored samples themselves, base above and tuned below (same prompts, same noise), each
-    framed green if it satisfies its prompt and red if not."""
+    """The scored samples themselves (each prompt's first seed), base above and tuned below (same
+    prompts, same noise), each framed green if it satisfies its prompt and red if not."""
     from .data import render_grid_strip
 
-    cols = picture_columns(eval_data["tag"], base["per_prompt"], final["per_prompt"])
-    rows = [[run["samples"][i] for i in cols] for run in (base, final)]
-    marks = [[run["per_prompt"][i] == 1.0 for i in cols] for run in (base, final)]
+    cols = picture_columns(eval_data["tag"], per_tag=2)
+    rows = [[run["samples"][i][0] for i in cols] for run in (base, final)]
+    marks = [[run["sample_strict"][i][0] == 1.0 for i in cols] for run in (base, final)]
     labels = [eval_data["prompt"][i].removeprefix("a photo of ") for i in cols]
     img = render_grid_strip(rows, labels=labels, row_labels=["base", "dFlowGRPO"], scale=10, marks=marks)
     img.save(out / "samples_before_after.png")
+
+
+def _write_samples(eval_data: Any, base: dict[str, Any], final: dict[str, Any], seeds: tuple[int, ...], path: Path) -> None:
+    """``samples.jsonl``: one line per scored sample, with its prompt, GenEval metadata, seed and
+    the base and tuned 16×16 grids of palette token ids, so anyone can rescore them."""
+    from .data import GRID
+
+    with path.open("w") as f:
+        for i, (prompt, meta) in enumerate(zip(eval_data["prompt"], eval_data["metadata"])):
+            for j, seed in enumerate(seeds):
+                row = {
+                    "prompt": prompt,
+                    "metadata": json.loads(meta),
+                    "seed": seed,
+                    "base_grid": [base["samples"][i][j][r * GRID : (r + 1) * GRID] for r in range(GRID)],
+                    "final_grid": [final["samples"][i][j][r * GRID : (r + 1) * GRID] for r in range(GRID)],
+                    "base_strict": base["sample_strict"][i][j],
+                    "final_strict": final["sample_strict"][i][j],
+                }
+                f.write(json.dumps(row) + "\n")
 
 
 def _reward_curve(history: list[dict[str, Any]], out: Path, key: str) -> None:
@@ -200,22 +259,34 @@ def build_trainer(
     )
 
 
+def _summary(task: str, base: dict[str, Any], final: dict[str, Any]) -> str:
+    """A few lines for the console: the headline with standard errors, and each category."""
+    key, groups = ("strict", "per_category") if task == "t2i" else ("accuracy", "per_qtype")
+    lines = [
+        f"[demo] held-out {key}: {base[key]:.3f} ± {base[key + '_se']:.3f} → {final[key]:.3f} ± {final[key + '_se']:.3f}"
+    ]
+    lines += [f"[demo]   {g:<14} {base[groups][g]:.2f} → {final[groups][g]:.2f}" for g in base[groups]]
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The demo; ``base`` (a previous base evaluation on the same prompts and seed) skips re-scoring it."""
+    """The demo; ``base`` (a previous base evaluation on the same prompts and seeds) skips re-scoring it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     t_start = time.perf_counter()
     import torch
 
     from .data import make_vqa_dataset
-    from .evaluation import balanced_t2i_eval_set
+    from .evaluation import balanced_t2i_eval_set, standard_error
     from .models.pretrained import load_shapeworld_model
 
     task = args.task
     cfg = dict(DEMO_DEFAULTS[task])
-    for key in ("train_minutes", "max_steps", "learning_rate", "estimator", "eval_per_tag", "eval_steps"):
-        if getattr(args, key) is not None:
+    for key in ("train_minutes", "max_steps", "learning_rate", "estimator", "eval_per_tag", "eval_steps", "eval_samples"):
+        if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
+    if cfg["eval_samples"] < 1:
+        raise ValueError(f"--eval-samples must be >= 1, got {cfg['eval_samples']}")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -227,42 +298,56 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     else:
         eval_data = make_vqa_dataset("test", n=args.eval_questions, seed=args.seed)
         train_data = make_vqa_dataset("train", n=2000, seed=args.seed)
+    what = "prompts" if task == "t2i" else "questions"
     if base is None:
-        print(f"[demo] scoring the base on {len(eval_data)} held-out {'prompts' if task == 't2i' else 'questions'} …")
-        base = _evaluate(task, model, tok, eval_data, cfg["eval_steps"], args.seed)
+        print(f"[demo] scoring the base on {len(eval_data)} held-out {what} × {cfg['eval_samples']} samples …")
+        base = _evaluate(task, model, tok, eval_data, cfg, args.seed)
     headline = "strict" if task == "t2i" else "accuracy"
-    print(f"[demo] base held-out {headline}: {base[headline]:.3f}")
+    print(f"[demo] base held-out {headline}: {base[headline]:.3f} ± {base[headline + '_se']:.3f}")
 
-    trainer = build_trainer(model, tok, train_data, cfg, out, args.seed, callbacks=[TimeBudgetCallback(cfg["train_minutes"] * 60)])
-    print(f"[demo] dFlowGRPO with LoRA for up to {cfg['train_minutes']:.1f} min …")
+    reward_key = f"rewards/{cfg['reward']}/mean"
+    trainer = build_trainer(
+        model, tok, train_data, cfg, out, args.seed,
+        callbacks=[TimeBudgetCallback(cfg["train_minutes"] * 60), ProgressBar(reward_key)],
+    )  # fmt: skip
+    trainer.remove_callback(ProgressCallback)
     t_train = time.perf_counter()
     trainer.train()
     train_seconds = time.perf_counter() - t_train
+    if trainer.state.global_step < cfg["max_steps"]:
+        print(f"[demo] the {cfg['train_minutes']:.1f}-minute safety budget stopped training at step {trainer.state.global_step}")
     policy = trainer.model
     policy.eval()
     print("[demo] scoring the tuned model …")
-    final = _evaluate(task, policy, tok, eval_data, cfg["eval_steps"], args.seed)
-    print(f"[demo] held-out {headline}: {base[headline]:.3f} → {final[headline]:.3f}")
+    final = _evaluate(task, policy, tok, eval_data, cfg, args.seed)
+    print(_summary(task, base, final))
 
     trainer.save_model(str(out / "adapter"))
     trainer.create_model_card(dataset_name=f"shapeworld-{task}")
     if (out / "README.md").exists():
         (out / "adapter" / "README.md").write_text((out / "README.md").read_text())
-    reward_key = f"rewards/{cfg['reward']}/mean"
     _reward_curve(trainer.state.log_history, out, reward_key)
     if task == "t2i":
         if "samples" in base:
             _picture(eval_data, base, final, out)
+            _write_samples(eval_data, base, final, eval_seeds(args.seed, cfg["eval_samples"]), out / "samples.jsonl")
         else:
-            print("[demo] no before/after picture: the base evaluation passed in holds no samples")
-        # The grids made the picture; results.json keeps the scores.
-        base, final = ({k: v for k, v in r.items() if k != "samples"} for r in (base, final))
+            print("[demo] no picture or samples.jsonl: the base evaluation passed in holds no samples")
+        # The grids are in samples.jsonl; results.json keeps the scores.
+        base, final = ({k: v for k, v in r.items() if k not in ("samples", "sample_strict")} for r in (base, final))
+    per_item = "per_prompt" if task == "t2i" else "per_question"
+    diffs = [f - b for b, f in zip(base[per_item], final[per_item])]
     results = {
         "task": task,
         "metric": f"held-out {headline}",
         "base_score": base[headline],
         "final_score": final[headline],
+        "base_se": base[headline + "_se"],
+        "final_se": final[headline + "_se"],
         "improvement": final[headline] - base[headline],
+        # Paired over the same prompts and noise: the standard error that the improvement itself has.
+        "improvement_se": standard_error(diffs),
+        "samples_per_prompt": cfg["eval_samples"],
         "base": base,
         "final": final,
         "steps": trainer.state.global_step,
@@ -272,8 +357,8 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         "config": {**cfg, "seed": args.seed},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    picture = ", samples_before_after.png" if task == "t2i" else ""
-    print(f"[demo] wrote {out}/results.json, reward_curve.png{picture}, adapter/ in {results['wall_seconds']:.0f} s")
+    written = ", samples.jsonl, samples_before_after.png" if task == "t2i" else ""
+    print(f"[demo] wrote {out}/results.json{written}, reward_curve.png, adapter/ in {results['wall_seconds']:.0f} s")
     return results
 
 

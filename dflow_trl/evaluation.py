@@ -1,7 +1,7 @@
 """Held-out evaluation of a ShapeWorld discrete flow model: GenEval-style text-to-image scores and
 understanding (VQA) accuracy, sampled with :func:`dflow_trl.rollout.generate`.
 
-The raw test split is 93% colour attribution, so a mean over it says little about the other
+The raw test split is mostly colour attribution, so a mean over it says little about the other
 categories; :func:`balanced_t2i_eval_set` draws an equal number of prompts per category.
 """
 
@@ -20,7 +20,7 @@ from datasets import Dataset
 from .data import TAGS, decode_answer, make_t2i_dataset, normalize_answer, score_t2i
 from .rollout import generate
 
-__all__ = ["balanced_t2i_eval_set", "evaluate_t2i", "evaluate_vqa"]
+__all__ = ["balanced_t2i_eval_set", "evaluate_t2i", "evaluate_vqa", "standard_error"]
 
 
 def balanced_t2i_eval_set(split: str = "test", per_tag: int = 10, seed: int = 0) -> Dataset:
@@ -105,6 +105,15 @@ def _sampled_batches(
             yield s, canvas.cpu()
 
 
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / √n; 0 for one value)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
+
+
 def evaluate_t2i(
     model: Any,
     tokenizer: Any,
@@ -116,40 +125,49 @@ def evaluate_t2i(
     temperature: float = 1.0,
     return_samples: bool = False,
 ) -> dict[str, Any]:
-    """Text-to-image scores of ``model`` on ``dataset`` (columns ``prompt``, ``tag``, ``metadata``).
+    """Text-to-image scores of ``model`` on ``dataset`` (columns ``prompt``, ``tag``, ``metadata``),
+    one sample per prompt and seed (GenEval draws 4 per prompt: pass 4 seeds).
 
     Returns ``strict`` and ``partial`` (mean over prompts, each prompt averaged over ``seeds``),
-    ``per_category`` / ``per_category_partial`` (means per tag), ``geneval`` (mean of the
-    per-category strict scores, GenEval's overall), ``per_prompt`` (each prompt's strict score)
-    and ``n`` (prompts). ``return_samples`` adds ``samples``: the grids drawn with the first seed,
-    one per prompt, for pictures that show exactly what was scored.
+    ``strict_se`` / ``partial_se`` (their standard errors over prompts: the spread of per-prompt
+    means, which holds both the sampling noise and how prompts differ), ``per_category`` /
+    ``per_category_partial`` (means per tag), ``geneval`` (mean of the per-category strict scores,
+    GenEval's overall), ``per_prompt`` (each prompt's strict score), ``n`` (prompts) and
+    ``samples_per_prompt``. ``return_samples`` adds ``samples`` (``samples[i][j]``: the grid of
+    prompt ``i`` under seed ``j``, as a list) and ``sample_strict`` (its strict score), so pictures
+    and sample files show exactly what was scored.
     """
     _check_common(dataset, ("prompt", "tag", "metadata"), num_steps, seeds, batch_size)
     prompts, tags, metas = dataset["prompt"], dataset["tag"], dataset["metadata"]
     strict = [0.0] * len(prompts)
     partial = [0.0] * len(prompts)
+    samples: list[list[list[int]]] = [[] for _ in prompts]
+    sample_strict: list[list[float]] = [[] for _ in prompts]
     with _task(model, "t2i"):
         batches = _sampled_batches(
             model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature
         )
-        samples: list[list[int]] = []
         for s, canvas in batches:
             for i, grid in enumerate(canvas):
                 st, pa, _ = score_t2i(grid, metas[s + i])
                 strict[s + i] += st / len(seeds)
                 partial[s + i] += pa / len(seeds)
-                if return_samples and len(samples) < len(prompts):
-                    samples.append(grid.tolist())
+                if return_samples:
+                    samples[s + i].append(grid.tolist())
+                    sample_strict[s + i].append(st)
     per_category = _mean_by(tags, strict)
-    extra = {"samples": samples} if return_samples else {}
+    extra = {"samples": samples, "sample_strict": sample_strict} if return_samples else {}
     return {
         "strict": sum(strict) / len(strict),
+        "strict_se": standard_error(strict),
         "partial": sum(partial) / len(partial),
+        "partial_se": standard_error(partial),
         "geneval": sum(per_category.values()) / len(per_category),
         "per_category": per_category,
         "per_category_partial": _mean_by(tags, partial),
         "per_prompt": strict,
         "n": len(prompts),
+        "samples_per_prompt": len(seeds),
         **extra,
     }
 
@@ -164,7 +182,8 @@ def evaluate_vqa(
     temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Exact-match answer accuracy of ``model`` on ``dataset`` (columns ``prompt``, ``scene_tokens``,
-    ``answer``, ``qtype``): ``accuracy`` (averaged over ``seeds``), ``per_qtype`` and ``n``."""
+    ``answer``, ``qtype``): ``accuracy`` (averaged over ``seeds``), ``accuracy_se`` (its standard
+    error over questions), ``per_qtype``, ``per_question`` and ``n``."""
     _check_common(dataset, ("prompt", "scene_tokens", "answer", "qtype"), num_steps, seeds, batch_size)
     prompts, scenes = dataset["prompt"], dataset["scene_tokens"]
     answers = [normalize_answer(a) for a in dataset["answer"]]
@@ -179,6 +198,8 @@ def evaluate_vqa(
                 correct[s + i] += float(decode_answer(ids, tokenizer) == answers[s + i]) / len(seeds)
     return {
         "accuracy": sum(correct) / len(correct),
+        "accuracy_se": standard_error(correct),
         "per_qtype": _mean_by(dataset["qtype"], correct),
+        "per_question": correct,
         "n": len(prompts),
     }

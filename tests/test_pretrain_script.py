@@ -37,7 +37,7 @@ def test_pretrain_trains_checkpoints_and_saves_a_loadable_model(tmp_path):
     assert json.loads((out / "training_log.json").read_text())["args"]["t_power"] == 2
     model, _ = load_shapeworld_model("understanding", out)
     cfg = model.config
-    assert model.task == "understanding" and cfg.time_conditioning and cfg.condition_pooling == "mean" and cfg.image_position_2d
+    assert model.task == "understanding" and cfg.time_conditioning and cfg.condition_pooling == "ordered" and cfg.image_position_2d
 
 
 def test_pretrain_rejects_bad_arguments():
@@ -47,23 +47,22 @@ def test_pretrain_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         script.parse_args(["--output-dir", "x", "--steps", "3", "--t-power", "0"])
     with pytest.raises(SystemExit):
-        script.parse_args(["--output-dir", "x", "--steps", "3", "--held-out-rate", "1.5"])
+        script.parse_args(["--output-dir", "x", "--steps", "3", "--caption-noise", "1.5"])
 
 
-def test_held_out_rate_mixes_in_test_prompts_only_when_asked():
+def test_t2i_source_draws_both_sides_of_the_split_with_noisy_captions():
     import random
 
-    from dflow_trl.data import all_prompts, in_split
+    from dflow_trl.data import all_prompts, score_t2i, t2i_split_of
 
     script = _load_script()
     metas = {m["prompt"]: m for m in all_prompts()}
-    train_only = script.T2ISource(random.Random(0), 0.5).batch(64).prompts
-    assert all(in_split(metas[p], "train") for p in train_only)
-    test_only = script.T2ISource(random.Random(0), 0.5, held_out_rate=1.0).batch(64).prompts
-    assert all(in_split(metas[p], "test") for p in test_only)
-    mixed = script.T2ISource(random.Random(0), 0.5, held_out_rate=0.5).batch(200).prompts
-    held = sum(not in_split(metas[p], "train") for p in mixed)
-    assert 60 < held < 140, held
+    batch = script.T2ISource(random.Random(0), 0.25, caption_noise=0.4).batch(200)
+    assert {t2i_split_of(metas[p]) for p in batch.prompts} == {"train", "test"}
+    right = [score_t2i(g, metas[p])[0] for p, g in zip(batch.prompts, batch.x1)]
+    assert 0.45 < sum(right) / len(right) < 0.85  # single objects are always right, the rest 60%
+    clean = script.T2ISource(random.Random(0), 0.25, caption_noise=0.0).batch(50)
+    assert all(score_t2i(g, metas[p])[0] == 1.0 for p, g in zip(clean.prompts, clean.x1))
 
 
 def test_init_from_copies_shared_weights_and_leaves_new_routes_fresh(tmp_path):
@@ -72,7 +71,7 @@ def test_init_from_copies_shared_weights_and_leaves_new_routes_fresh(tmp_path):
     script = _load_script()
     small = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
              "--batch-size", "2", "--vqa-batch-size", "2", "--vqa-pool", "8"]  # fmt: skip
-    script.train(script.parse_args(["--output-dir", str(tmp_path / "a"), "--steps", "1", *small]))
+    script.train(script.parse_args(["--output-dir", str(tmp_path / "a"), "--steps", "1", "--pooling", "mean", *small]))
     args = script.parse_args(["--output-dir", str(tmp_path / "b"), "--steps", "1", "--pooling", "encoder", *small])
     tok = script.build_shapeworld_tokenizer()
     warm = script.DFMTransformer(script.build_config(tok, args))

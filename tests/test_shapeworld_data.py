@@ -19,7 +19,6 @@ from dflow_trl.data.shapeworld import (
     DEFAULT_COLORS,
     GRID,
     HELD_OUT_BINDINGS,
-    HELD_OUT_PAIRS,
     PALETTE_SIZE,
     QTYPES,
     RELATIONS,
@@ -31,7 +30,6 @@ from dflow_trl.data.shapeworld import (
     all_prompts,
     grid_to_image,
     in_split,
-    is_held_out,
     make_t2i_dataset,
     make_vqa_dataset,
     palette_embeddings,
@@ -44,6 +42,7 @@ from dflow_trl.data.shapeworld import (
     score_t2i,
     spec_from_metadata,
     t2i_prompts,
+    t2i_split_of,
 )
 
 # ---- palette and shapes --------------------------------------------------------------------------
@@ -104,14 +103,10 @@ def test_objects_sit_centred_in_distinct_slots():
 
 def test_canonical_scenes_are_a_function_of_the_prompt_and_satisfy_it():
     assert all((c, s) not in HELD_OUT_BINDINGS for s, c in DEFAULT_COLORS.items()) and set(DEFAULT_COLORS) == set(SHAPES)
-    for m in t2i_prompts("train"):
-        grids = [
-            render_scene(spec_from_metadata(m, seed, train_safe=True, canonical=True), seed + 1, canonical=True)
-            for seed in (0, 1)
-        ]
+    for m in all_prompts():
+        grids = [render_scene(spec_from_metadata(m, seed, canonical=True), seed + 1, canonical=True) for seed in (0, 1)]
         assert torch.equal(grids[0], grids[1]), m["prompt"]
         assert score_t2i(grids[0], m)[0] == 1.0, m["prompt"]
-        assert scene_is_train_safe([(o.shape, o.color) for o in parse_grid(grids[0])])
     # An open colour takes the shape's default; the first object takes the first valid slot.
     (obj,) = parse_grid(render_scene(SceneSpec((ObjectSpec("square"),)), canonical=True))
     assert obj.color == DEFAULT_COLORS["square"] and obj.bbox[0] < GRID // SLOTS and obj.bbox[1] < GRID // SLOTS
@@ -160,26 +155,25 @@ def test_geneval_wording_and_metadata():
     assert counts == {"single_object": 5, "two_object": 20, "counting": 15, "colors": 40, "position": 80, "color_attr": 1120}
 
 
-def test_split_is_deterministic_and_test_combinations_are_unseen():
+def test_split_is_deterministic_disjoint_and_covers_every_category():
     train, test = t2i_prompts("train"), t2i_prompts("test")
-    assert t2i_prompts("train") == train
-    train_texts = {m["prompt"] for m in train}
-    # Only the five single-object prompts are shared; every other test prompt is held out.
-    shared = [m for m in test if m["prompt"] in train_texts]
-    assert {m["tag"] for m in shared} == {"single_object"} and len(shared) == 5
-    assert all(is_held_out(m) for m in test if m["tag"] != "single_object")
-    assert len(train) + len(test) == len(all_prompts()) + 5
+    assert t2i_prompts("train") == train and t2i_prompts("test") == test
+    train_texts, test_texts = {m["prompt"] for m in train}, {m["prompt"] for m in test}
+    # Disjoint prompt strings that together are every prompt (the pretraining corpus holds all).
+    assert not train_texts & test_texts
+    assert train_texts | test_texts == {m["prompt"] for m in all_prompts()}
     for tag in TAGS:
-        assert any(m["tag"] == tag for m in test), tag
-    # No training prompt binds a held-out colour to its shape or pairs held-out shapes ...
-    for m in train:
-        assert not bindings_of(m) & HELD_OUT_BINDINGS
-        assert not any(pair <= {r["class"] for r in m["include"]} for pair in HELD_OUT_PAIRS)
-    # ... yet every colour and every shape is still trained, in the colours category.
-    trained = {b for m in train if m["tag"] == "colors" for b in bindings_of(m)}
-    assert {c for c, _ in trained} == set(COLORS) and {s for _, s in trained} == set(SHAPES)
+        n = len(all_prompts([tag]))
+        assert len(t2i_prompts("test", [tag])) == n // 2 and len(t2i_prompts("train", [tag])) == n - n // 2, tag
+        assert all(t2i_split_of(m) == "test" for m in t2i_prompts("test", [tag]))
+    # Both sides bind every colour and every shape in the colours category.
+    for side in (train, test):
+        bound = {b for m in side if m["tag"] == "colors" for b in bindings_of(m)}
+        assert {c for c, _ in bound} == set(COLORS) and {s for _, s in bound} == set(SHAPES)
     with pytest.raises(ValueError, match="split"):
         in_split(train[0], "validation")
+    with pytest.raises(ValueError, match="prompt"):
+        t2i_split_of({k: v for k, v in train[0].items() if k != "prompt"})
 
 
 def test_spec_from_metadata_counts_and_train_safety():
@@ -206,9 +200,8 @@ def test_t2i_dataset_columns_and_scenes():
     assert len(small) == 2 * sum(min(6, len(t2i_prompts("train", [t]))) for t in TAGS)
     assert small["prompt"] == make_t2i_dataset("train", scenes_per_prompt=2, max_per_tag=6, seed=3)["prompt"]
     for row in small:
-        objs = parse_grid(row["scene_tokens"])
         assert len(row["scene_tokens"]) == CANVAS_LENGTH
-        assert scene_is_train_safe([(o.shape, o.color) for o in objs]), row["prompt"]
+        assert score_t2i(row["scene_tokens"], row["metadata"])[0] == 1.0, row["prompt"]
 
     test = make_t2i_dataset("test", tags=["colors"], scenes_per_prompt=1)
     assert set(test["tag"]) == {"colors"} and len(test) == len(t2i_prompts("test", ["colors"]))

@@ -11,14 +11,22 @@ Metadata follows GenEval's format, e.g. for "a photo of a square left of a circl
 ``position`` relative to the objects of an earlier include entry); ``exclude`` entries ask for
 fewer than ``count`` (counting prompts pair "≥ n" with "< n + 1", i.e. exactly n).
 
-Split: the test prompts are combinations never seen in training. Held out are some
-(colour, shape) bindings, some shape pairs and some (shape, count) combinations; a prompt is a
-test prompt if it holds any of them. Single-object prompts have nothing to combine, so all five
-are in both splits (as in GenEval, they check that each shape can be drawn at all).
+Split (GenEval-faithful): the pretraining corpus holds every prompt of every category, so every
+object, colour, count and relation, and every pair of them, is seen in pretraining (with noisy
+captions, see ``corpus``). The split only separates the prompt *strings* RL trains on from those
+it is evaluated on, the way Flow-GRPO's GenEval training prompts are disjoint from GenEval's
+test prompts: per category, the prompts are ordered by a fixed hash of their text and the first
+half (rounded down) are test prompts. ``t2i_prompts("train")`` and ``t2i_prompts("test")`` are
+therefore disjoint and both cover all six categories.
+
+The ``HELD_OUT_*`` combinations are the understanding task's split (``vqa``): its test questions
+ask about combinations its training scenes never show.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
 import json
 import random
@@ -167,7 +175,8 @@ def bindings_of(metadata: dict) -> set[tuple[str, str]]:
 
 
 def is_held_out(metadata: dict | str) -> bool:
-    """Whether the prompt combines things held out of training (see the module docstring)."""
+    """Whether the prompt combines things the understanding task holds out of its training scenes
+    (``HELD_OUT_*``; the text-to-image split is ``t2i_split_of``)."""
     m = check_metadata(metadata)
     classes = {r["class"] for r in m["include"]}
     return (
@@ -177,11 +186,32 @@ def is_held_out(metadata: dict | str) -> bool:
     )
 
 
+T2I_TEST_FRACTION = 0.5
+
+
+def _split_key(prompt: str) -> str:
+    return hashlib.sha256(f"shapeworld-t2i-split:{prompt}".encode()).hexdigest()
+
+
+@functools.cache
+def _t2i_test_prompts() -> frozenset[str]:
+    test: set[str] = set()
+    for tag in TAGS:
+        ordered = sorted((m["prompt"] for m in all_prompts([tag])), key=_split_key)
+        test.update(ordered[: int(len(ordered) * T2I_TEST_FRACTION)])
+    return frozenset(test)
+
+
+def t2i_split_of(metadata: dict | str) -> str:
+    """``"test"`` or ``"train"``: which side of the text-to-image split a prompt is on."""
+    prompt = check_metadata(metadata).get("prompt")
+    if not isinstance(prompt, str):
+        raise ValueError("metadata needs its 'prompt' string to tell which split it is in")
+    return "test" if prompt in _t2i_test_prompts() else "train"
+
+
 def in_split(metadata: dict | str, split: str) -> bool:
-    m = check_metadata(metadata)
-    if check_split(split) == "test":
-        return m["tag"] == "single_object" or is_held_out(m)
-    return not is_held_out(m)
+    return t2i_split_of(metadata) == check_split(split)
 
 
 def t2i_prompts(split: str, tags: Iterable[str] | None = None) -> list[dict]:

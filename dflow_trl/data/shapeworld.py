@@ -2,8 +2,8 @@
 
 Images are ``16 × 16`` grids of palette tokens (``palette``), showing simple shapes
 (``shapes``) placed per a ``SceneSpec`` (``scenes``). Text-to-image prompts come in GenEval's six
-categories with GenEval-format metadata and a split whose test prompts are unseen combinations
-(``prompts``); understanding questions have one-word answers (``vqa``); ``scoring`` is the
+categories with GenEval-format metadata and a split into disjoint RL-training and evaluation
+prompt strings (``prompts``); the pretraining corpus of noisy captions is ``corpus``; understanding questions have one-word answers (``vqa``); ``scoring`` is the
 programmatic GenEval analogue; ``tokenizer`` covers all the text.
 
 Dataset columns follow what TRL expects: ``prompt`` is the text condition, every other column is
@@ -48,6 +48,7 @@ from .prompts import (
     scene_is_train_safe,
     spec_from_metadata,
     t2i_prompts,
+    t2i_split_of,
 )
 from .scenes import (
     DEFAULT_COLORS,
@@ -123,6 +124,7 @@ __all__ = [
     "spec_from_metadata",
     "summarize_by_tag",
     "t2i_prompts",
+    "t2i_split_of",
 ]
 
 VQA_DEFAULT_SIZES: dict[str, int] = {"train": 4000, "test": 1000}
@@ -138,8 +140,8 @@ def make_t2i_dataset(
     """Text-to-image prompts of ``split`` with columns ``prompt``, ``tag``, ``metadata`` (JSON).
 
     ``scenes_per_prompt = k > 0`` repeats each prompt ``k`` times with a rendered scene in
-    ``scene_tokens`` (256 ints) — image targets for pretraining; training scenes show nothing held
-    out. ``max_per_tag`` keeps a seeded random subset of each tag's prompts (in their original
+    ``scene_tokens`` (256 ints), each a random layout that satisfies the prompt exactly.
+    ``max_per_tag`` keeps a seeded random subset of each tag's prompts (in their original
     order) to balance the categories: colour attribution alone has hundreds of prompts.
     """
     check_split(split)
@@ -165,7 +167,7 @@ def make_t2i_dataset(
             rows["tag"].append(m["tag"])
             rows["metadata"].append(json.dumps(m))
             if scenes_per_prompt:
-                spec = spec_from_metadata(m, rng, train_safe=split == "train")
+                spec = spec_from_metadata(m, rng)
                 rows["scene_tokens"].append(render_scene(spec, rng).flatten().tolist())
     return Dataset.from_dict(rows)
 

@@ -32,12 +32,14 @@ from .base import DiscreteFlowModelMixin, FlowInputs
 Task = Literal["t2i", "understanding"]
 
 
-POOLINGS = ("mean", "positional", "encoder")
+POOLINGS = ("mean", "positional", "encoder", "ordered")
+# Width of each prompt slot in the "ordered" pooling's flattened prompt.
+ORDERED_SLOT_WIDTH = 32
 
 
 def _check_pooling(value: bool | str | None) -> str | bool:
     """``condition_pooling`` normalised: False (none), ``"mean"`` (True is accepted for it),
-    ``"positional"`` or ``"encoder"``."""
+    ``"positional"``, ``"encoder"`` or ``"ordered"``."""
     if value is None or value is False:
         return False
     if value is True:
@@ -72,7 +74,10 @@ class DFMTransformerConfig(PretrainedConfig):
             square" differ; ``"encoder"`` pools the outputs of one bidirectional Llama layer run
             over the prompt alone (SD3's pooled text embedding in miniature), so each word's
             feature already holds its neighbours: which colour goes with which shape, which
-            shape comes first. Attention alone lets a small model trained briefly ignore a short
+            shape comes first; ``"ordered"`` adds to the mean an MLP of the prompt's token
+            embeddings concatenated in order (right-aligned, as prompts are left-padded), so
+            every word is read in its slot: the first shape named, the colour before it, the
+            relation between. Attention alone lets a small model trained briefly ignore a short
             prompt among hundreds of canvas tokens.
         image_position_2d: also give every image token (canvas or condition) learned row and
             column embeddings, so what the model learns at one cell carries over to cells in the
@@ -207,6 +212,13 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             if config.condition_pooling == "positional"
             else None
         )
+        self.condition_order = None
+        if config.condition_pooling == "ordered":
+            h, m = config.hidden_size, config.max_prompt_length
+            self.condition_order = nn.ModuleDict({
+                "slot": nn.Linear(h, ORDERED_SLOT_WIDTH),
+                "mix": nn.Sequential(nn.Linear(m * ORDERED_SLOT_WIDTH, h), nn.GELU(), nn.Linear(h, h)),
+            })  # fmt: skip
         self.condition_encoder = None
         if config.condition_pooling == "encoder":
             self.condition_encoder = LlamaDecoderLayer(llama, layer_idx=config.num_hidden_layers)
@@ -232,6 +244,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         enc = getattr(self, "condition_encoder", None)
+        order = getattr(self, "condition_order", None)
+        if order is not None and module is order["mix"][-1]:
+            nn.init.zeros_(module.weight)  # starts as "mean" pooling, like "encoder" below
         if enc is not None and module in (enc.self_attn.o_proj, enc.mlp.down_proj):
             # Zero-initialised residual branches (as DiT's adaLN-zero): the encoder starts as the
             # identity, so "encoder" pooling starts as "mean" pooling and only learns what
@@ -398,9 +413,20 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             emb, cond = self._encode_prompt(emb, cond)
         w = cond.unsqueeze(-1).to(emb.dtype)
         pooled = (emb * w).sum(1) / w.sum(1).clamp_min(1.0)
+        if self.condition_order is not None:
+            pooled = pooled + self._ordered_prompt(emb, cond)
         # Unit RMS: prompts share most words, so their raw means differ by a small fraction of an
         # already small embedding, and training took far longer to pick up that difference.
         return nn.functional.rms_norm(pooled, pooled.shape[-1:], eps=self.config.rms_norm_eps)
+
+    def _ordered_prompt(self, emb: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """MLP of the ``max_prompt_length`` prompt slots (just before ``<sep>``, left-padded, so
+        the last word is always in the last slot), each projected to ``ORDERED_SLOT_WIDTH``,
+        padding zeroed, concatenated in order."""
+        m = self.config.max_prompt_length
+        end = emb.shape[1] - self.canvas_length - 1  # <sep>
+        span = emb[:, end - m : end] * cond[:, end - m : end].unsqueeze(-1).to(emb.dtype)
+        return self.condition_order["mix"](self.condition_order["slot"](span).flatten(1))
 
     def _encode_prompt(self, emb: torch.Tensor, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt encoder over the prompt span only: the ``max_prompt_length`` positions and

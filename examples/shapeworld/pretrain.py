@@ -42,16 +42,13 @@ from dflow_trl.data import (
     CANVAS_LENGTH,
     GRID,
     MAX_TEXT_LENGTH,
-    TAGS,
     build_shapeworld_tokenizer,
     encode_answer,
     make_vqa_dataset,
     palette_embeddings,
     palette_rgb,
-    render_scene,
-    spec_from_metadata,
-    t2i_prompts,
 )
+from dflow_trl.data.corpus import DEFAULT_CAPTION_NOISE, CaptionCorpus
 from dflow_trl.models import DFMTransformer, DFMTransformerConfig
 
 
@@ -77,29 +74,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-time", action="store_true", help="no time conditioning (FUDOKI-like; generates worse)")
     p.add_argument(
         "--pooling",
-        choices=["encoder", "positional", "mean", "none"],
-        default="mean",
-        help="pooled prompt route: one transformer layer over the prompt, a bag of words (default, "
-        "the shipped model), word-and-position features, or none (the prompt then reaches the "
-        "canvas only through attention)",
+        choices=["ordered", "encoder", "positional", "mean", "none"],
+        default="ordered",
+        help="pooled prompt route: an MLP over the prompt's words in order plus their mean (default, "
+        "the shipped model), one transformer layer over the prompt, a bag of words, word-and-position "
+        "features, or none (the prompt then reaches the canvas only through attention)",
     )
     p.add_argument("--no-2d", action="store_true", help="no row/column embeddings for image tokens")
     p.add_argument(
-        "--t-power", type=float, default=1.0,
+        "--t-power", type=float, default=2.0,
         help="train at t = u^power, u ~ U[0, 1): > 1 puts more steps at small t, where the prompt alone must fix the layout",
     )
     p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
     p.add_argument(
         "--tag-power",
         type=float,
-        default=0.5,
+        default=0.25,
         help="a prompt category is drawn with weight (#prompts)^power: 0 = categories equally, 1 = prompts equally",
     )
     p.add_argument(
-        "--held-out-rate",
+        "--caption-noise",
         type=float,
-        default=0.0,
-        help="fraction of text-to-image pairs drawn from the held-out (test) prompts (default 0: none)",
+        default=DEFAULT_CAPTION_NOISE,
+        help="fraction of text-to-image captions that describe their image wrongly (dflow_trl.data.corpus)",
     )
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
@@ -121,8 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--save-every must be >= 0")
     if not 0 <= args.uncond_prob < 1:
         p.error("--uncond-prob must lie in [0, 1)")
-    if not 0 <= args.held_out_rate <= 1:
-        p.error("--held-out-rate must lie in [0, 1]")
+    if not 0 <= args.caption_noise <= 1:
+        p.error("--caption-noise must lie in [0, 1]")
     return args
 
 
@@ -162,35 +159,15 @@ class Batch:
 
 
 class T2ISource:
-    """Endless text-to-image pairs: a prompt (category drawn with weight ``n^power``) and its
-    canonical scene (``place_scene(..., canonical=True)``). TRAIN prompts only, so nothing held out
-    is shown, unless ``held_out_rate`` > 0: then that fraction of pairs comes from the TEST prompts
-    (a corpus in which the held-out combinations are rare rather than absent)."""
+    """Endless text-to-image pairs from the noisy-caption corpus (``dflow_trl.data.corpus``):
+    every prompt of every category, a ``caption_noise`` fraction of them captioned wrongly."""
 
-    def __init__(self, rng: random.Random, tag_power: float, held_out_rate: float = 0.0) -> None:
-        self.rng = rng
-        self.held_out_rate = held_out_rate
-        self.pools = []
-        for split in ("train", "test"):
-            by_tag = {tag: t2i_prompts(split, [tag]) for tag in TAGS}
-            tags = [t for t in TAGS if by_tag[t]]
-            self.pools.append((by_tag, tags, [len(by_tag[t]) ** tag_power for t in tags]))
+    def __init__(self, rng: random.Random, tag_power: float, caption_noise: float = DEFAULT_CAPTION_NOISE) -> None:
+        self.corpus = CaptionCorpus(rng, caption_noise=caption_noise, tag_power=tag_power)
 
     def batch(self, n: int) -> Batch:
-        prompts, grids = [], []
-        by_tag, tags, weights = self.pools[0]
-        for tag in self.rng.choices(tags, weights, k=n):
-            # With held_out_rate = 0 this draws exactly the random stream the shipped model saw.
-            held_out = self.held_out_rate > 0 and self.rng.random() < self.held_out_rate
-            if held_out:
-                test_by_tag, test_tags, test_weights = self.pools[1]
-                meta = self.rng.choice(test_by_tag[self.rng.choices(test_tags, test_weights)[0]])
-            else:
-                meta = self.rng.choice(by_tag[tag])
-            spec = spec_from_metadata(meta, self.rng, train_safe=not held_out, canonical=True)
-            prompts.append(meta["prompt"])
-            grids.append(render_scene(spec, self.rng, canonical=True).flatten())
-        return Batch(prompts, torch.stack(grids).long())
+        prompts, grids = self.corpus.batch(n)
+        return Batch(prompts, grids)
 
 
 class VQASource:
@@ -271,7 +248,7 @@ def train(args: argparse.Namespace) -> dict:
         init_from(model, args.init_from)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"DFMTransformer: {n_params:,} parameters; canvas {CANVAS_LENGTH} image / {ANSWER_LENGTH} text tokens")
-    t2i, vqa = T2ISource(rng, args.tag_power, args.held_out_rate), VQASource(rng, tokenizer, args.vqa_pool, args.seed)
+    t2i, vqa = T2ISource(rng, args.tag_power, args.caption_noise), VQASource(rng, tokenizer, args.vqa_pool, args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
 
     start, step, history = time.monotonic(), 0, []
