@@ -107,6 +107,9 @@ def test_recipes_use_known_fields_and_the_papers_settings(recipe: str) -> None:
     assert cfg["num_generations"] == 24 and cfg["num_flow_steps"] == 8 and cfg["num_flow_steps_eval"] == 20
     assert (cfg["epsilon"], cfg["epsilon_high"]) == (1e-3, 1.5e-3)
     assert (cfg["lora_r"], cfg["lora_alpha"]) == (48, 96)
+    # The one deliberate departure: the paper trains steps 0..K-2 only, a biased gradient
+    # (tests/test_gradient_unbiased.py); the recipes train the last step too.
+    assert cfg["include_last_step"] is True
     understanding = recipe.startswith("understanding")
     assert cfg["model_init_kwargs"]["task"] == ("understanding" if understanding else "t2i")
     assert cfg["beta"] == (0.01 if understanding else 0.0)

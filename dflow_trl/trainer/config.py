@@ -33,8 +33,10 @@ class DFlowGRPOConfig(GRPOConfig):
         top_k_size: exact head size k of the ``top_k`` estimator.
         train_steps: which steps are trained: ``"moving"`` (every step where tokens can move, the
             last one only with ``include_last_step``), or ``"all"``.
-        include_last_step: train the final ``t_{K-1} → 1`` step (a pure posterior sample); the paper
-            excludes it.
+        include_last_step: train the final ``t_{K-1} → 1`` step (a pure posterior sample). The paper
+            excludes it (steps 0..K-2 only); that biases the policy gradient, which then no longer
+            ascends E[R] (tests/test_gradient_unbiased.py measures it against brute force), so the
+            default trains it. ``False`` reproduces the paper's setting.
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.
         step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
@@ -49,17 +51,24 @@ class DFlowGRPOConfig(GRPOConfig):
     """
 
     num_flow_steps: int = field(default=8, metadata={"help": "Euler steps of training rollouts (paper: 8)."})
-    num_flow_steps_eval: int = field(default=20, metadata={"help": "Euler steps of evaluation rollouts (paper: 20)."})
+    num_flow_steps_eval: int = field(
+        default=20, metadata={"help": "Euler steps of evaluation rollouts (paper: 20)."}
+    )
     estimator: str = field(
         default="monte_carlo",
         metadata={"help": "Estimator of log π_θ per step.", "choices": list(ESTIMATORS)},
     )
-    num_mc_samples: int = field(default=24, metadata={"help": "Posterior draws per position and step (paper: 24)."})
+    num_mc_samples: int = field(
+        default=24, metadata={"help": "Posterior draws per position and step (paper: 24)."}
+    )
     top_k_size: int = field(default=16, metadata={"help": "Exact head size of the top_k estimator."})
     train_steps: str = field(
         default="moving", metadata={"help": "Which steps are trained.", "choices": ["moving", "all"]}
     )
-    include_last_step: bool = field(default=False, metadata={"help": "Train the final direct-posterior step."})
+    include_last_step: bool = field(
+        default=True,
+        metadata={"help": "Train the final direct-posterior step (paper: False, which biases the gradient)."},
+    )
     num_train_steps_per_rollout: int | None = field(
         default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}
     )
@@ -69,7 +78,9 @@ class DFlowGRPOConfig(GRPOConfig):
     cfg_scale: float = field(default=0.0, metadata={"help": "CFG scale of training rollouts (paper: 0)."})
     cfg_scale_eval: float = field(default=0.0, metadata={"help": "CFG scale of evaluation rollouts."})
     flow_temperature: float = field(default=1.0, metadata={"help": "Temperature of the rollout posterior."})
-    rollout_batch_size: int | None = field(default=None, metadata={"help": "Rollouts per sampler forward pass."})
+    rollout_batch_size: int | None = field(
+        default=None, metadata={"help": "Rollouts per sampler forward pass."}
+    )
     log_sample_images: int = field(default=4, metadata={"help": "Final images logged per generation."})
 
     def __post_init__(self) -> None:
@@ -92,8 +103,12 @@ class DFlowGRPOConfig(GRPOConfig):
         if self.flow_temperature <= 0:
             errors.append(f"flow_temperature must be > 0, got {self.flow_temperature}")
         if self.use_vllm:
-            errors.append("use_vllm=True is not supported: vLLM has no discrete-flow sampler; rollouts run in-process")
+            errors.append(
+                "use_vllm=True is not supported: vLLM has no discrete-flow sampler; rollouts run in-process"
+            )
         if self.num_generations is not None and self.num_generations < 2:
-            errors.append(f"num_generations must be >= 2 for group-relative advantages, got {self.num_generations}")
+            errors.append(
+                f"num_generations must be >= 2 for group-relative advantages, got {self.num_generations}"
+            )
         if errors:
             raise ValueError("Invalid DFlowGRPOConfig: " + "; ".join(errors))
