@@ -5,7 +5,8 @@ posterior logits per joint state ``x_t`` (9 states) and position, shared by ever
 posterior is (it is not given t). ``R(x_1)`` is a fixed random table over the 9 final canvases.
 With K = 3 steps there are 9^4 trajectories, so ``∇_θ E[R]`` is computed exactly by summing
 ``p(x_0) Π_k π_θ(x_{k+1} | x_k) R(x_K)`` over all of them (π_θ from the kernel re-derived in
-``tests.helpers.brute_kernel``) and autograd.
+``tests.helpers.brute_kernel``) and autograd. K = 3 rather than 2 because step 0 of the metric path
+cannot move (β̇_0 = 0): with K = 2 and the last step dropped nothing would be left to train.
 
 The estimate goes through the real ``DFlowGRPOTrainer.train()``: M optimizer steps at learning rate 0
 (θ never moves), each on B fresh rollouts of the library's sampler, the gradient read just before
