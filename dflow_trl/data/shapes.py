@@ -80,35 +80,52 @@ def normalize_cells(cells: Iterable[Cell]) -> tuple[frozenset[Cell], int, int]:
     return moved, max(r for r, _ in moved) + 1, max(c for _, c in moved) + 1
 
 
-def mask_distance(a: frozenset[Cell], b: frozenset[Cell], max_shift: int | None = None) -> int:
-    """Hamming distance between two cell sets (each anchored at (0, 0)) under the best integer
-    shift of ``b`` that keeps it overlapping ``a``; ``max_shift`` bounds the shift per axis."""
+def _best_alignment(a: frozenset[Cell], b: frozenset[Cell], max_shift: int | None = None) -> tuple[int, Cell]:
+    """The smallest Hamming distance between ``a`` and ``b`` shifted by ``(dy, dx)``, and the first
+    shift (in row-major order of ``(dy, dx)``) that reaches it."""
     ha, wa = max(r for r, _ in a) + 1, max(c for _, c in a) + 1
     hb, wb = max(r for r, _ in b) + 1, max(c for _, c in b) + 1
-    best = len(a) + len(b)
+    best, best_shift = len(a) + len(b), (0, 0)
     for dy in range(-(hb - 1), ha):
         for dx in range(-(wb - 1), wa):
             if max_shift is not None and (abs(dy) > max_shift or abs(dx) > max_shift):
                 continue
-            shifted = {(r + dy, c + dx) for r, c in b}
-            best = min(best, len(a.symmetric_difference(shifted)))
-    return best
+            d = len(a.symmetric_difference({(r + dy, c + dx) for r, c in b}))
+            if d < best:
+                best, best_shift = d, (dy, dx)
+    return best, best_shift
 
 
-def classify_cells(cells: Iterable[Cell], tolerance: int = 1) -> str:
-    """The shape whose template is within ``tolerance`` cells of the blob, else ``"unknown"``.
+def mask_distance(a: frozenset[Cell], b: frozenset[Cell], max_shift: int | None = None) -> int:
+    """Hamming distance between two cell sets (each anchored at (0, 0)) under the best integer
+    shift of ``b`` that keeps it overlapping ``a``; ``max_shift`` bounds the shift per axis."""
+    return _best_alignment(a, b, max_shift)[0]
+
+
+def match_template(cells: Iterable[Cell], tolerance: int = 1) -> tuple[str, Cell | None]:
+    """The shape whose template is within ``tolerance`` cells of the blob and the top-left cell of
+    that template at its best alignment (in the blob's coordinates), else ``("unknown", None)``.
 
     Only templates whose bounding box and cell count are within ``tolerance`` of the blob's are
     compared (anything further cannot be within ``tolerance``), which keeps noisy grids with many
-    small blobs cheap to parse.
+    small blobs cheap to parse. At ``tolerance`` < 4 the alignment is unique: every template
+    differs from itself shifted by one cell in at least 8 cells.
     """
+    cells = list(cells)
     blob, h, w = normalize_cells(cells)
-    best, best_d = UNKNOWN, tolerance + 1
+    r0, c0 = min(r for r, _ in cells), min(c for _, c in cells)
+    best, best_d, best_corner = UNKNOWN, tolerance + 1, None
     for name, tmpl in TEMPLATES.items():
         th, tw = TEMPLATE_SIZES[name]
         if abs(th - h) > tolerance or abs(tw - w) > tolerance or abs(len(tmpl) - len(blob)) > tolerance:
             continue
-        d = mask_distance(blob, tmpl, max_shift=tolerance)
+        d, (dy, dx) = _best_alignment(blob, tmpl, max_shift=tolerance)
         if d < best_d:
-            best, best_d = name, d
-    return best
+            best, best_d, best_corner = name, d, (r0 + dy, c0 + dx)
+    return best, best_corner
+
+
+def classify_cells(cells: Iterable[Cell], tolerance: int = 1) -> str:
+    """The shape whose template is within ``tolerance`` cells of the blob, else ``"unknown"``
+    (see ``match_template``)."""
+    return match_template(cells, tolerance)[0]
