@@ -42,15 +42,21 @@ def rollout(
     estimator: Estimator | None = None,
     generator: torch.Generator | None = None,
     chunk_size: int | None = None,
+    branch_steps: torch.LongTensor | None = None,
+    group_size: int = 1,
 ) -> Trajectory:
     """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
 
-    ``chunk_size`` rollouts share one forward pass (all by default)."""
+    ``chunk_size`` rollouts share one forward pass (all by default). ``branch_steps`` /
+    ``group_size``: groups of consecutive rows share their trajectory up to a step and branch
+    there (:func:`~dflow_trl.sampling.sample_trajectory`); chunks then hold whole groups."""
     if cfg_scale != 0 and batch.uncond_input_ids is None:
         raise ValueError("cfg_scale != 0 but the model defines no unconditional input")
     b, d = batch.batch_size, batch.canvas_length
     device = batch.input_ids.device
     chunk = chunk_size or b
+    if branch_steps is not None and chunk % group_size:
+        chunk = max(group_size, chunk // group_size * group_size)
     parts = []
     for s in range(0, b, chunk):
         sub = batch.index(slice(s, s + chunk))
@@ -67,6 +73,8 @@ def rollout(
                 num_draws=estimator.num_draws if estimator else 0,
                 head_size=estimator.head_size if estimator else 0,
                 generator=generator,
+                branch_steps=None if branch_steps is None else branch_steps[s : s + chunk],
+                group_size=group_size,
             )
         )
     if len(parts) == 1:

@@ -233,6 +233,25 @@ class Trajectory:
         return cls(**values)
 
 
+def _branch_leaders(
+    batch: int, branch_steps: torch.LongTensor | None, group_size: int, device: torch.device
+) -> Callable[[int], torch.LongTensor] | None:
+    """``rows(k)``: for each row, the row whose step ``k - 1`` it takes (its group's first row while
+    ``k <= branch_steps``, itself after), or None without branching."""
+    if branch_steps is None:
+        return None
+    if group_size < 1 or batch % group_size:
+        raise ValueError(f"branching needs whole groups: {batch} rows in groups of {group_size}")
+    steps = torch.as_tensor(branch_steps, device=device).long()
+    if steps.shape != (batch,):
+        raise ValueError(f"branch_steps must hold one step per row ({batch},), got {tuple(steps.shape)}")
+    first = torch.arange(batch, device=device) // group_size * group_size
+    if not bool((steps == steps[first]).all()):
+        raise ValueError("every row of a group must branch at the same step")
+    own = torch.arange(batch, device=device)
+    return lambda k: torch.where(k <= steps, first, own)
+
+
 @torch.no_grad()
 def sample_trajectory(
     path: ProbabilityPath,
@@ -246,11 +265,18 @@ def sample_trajectory(
     num_draws: int = 0,
     head_size: int = 0,
     generator: torch.Generator | None = None,
+    branch_steps: torch.LongTensor | None = None,
+    group_size: int = 1,
 ) -> Trajectory:
     """Roll ``x0`` (``(B, D)``) from ``t = 0`` to ``t = 1`` with the Euler-jump sampler.
 
     ``logits_fn(x_t, t)`` returns ``(B, D, V)`` posterior logits for the canvas; with ``cfg_scale``
     ``w ≠ 0`` the posterior is ``softmax(((1 + w) ℓ_c - w ℓ_u) / τ)``. The last step takes ``x1``.
+
+    ``branch_steps`` (``(B,)``) makes groups of ``group_size`` consecutive rows share one
+    trajectory ``x_0 .. x_k`` (their first row's) and branch at step ``k = branch_steps[row]``:
+    from ``x_k`` on each row draws independently, so the rows are i.i.d. given ``x_k`` and their
+    mean reward is an unbiased value of ``x_k`` (step-level credit).
     """
     if times is None:
         times = time_grid(num_steps if num_steps is not None else 8, device=x0.device)
@@ -262,12 +288,18 @@ def sample_trajectory(
     if cfg_scale != 0 and uncond_logits_fn is None:
         raise ValueError("cfg_scale != 0 needs uncond_logits_fn")
     path.check_tokens(x0, "x0")
+    leader = _branch_leaders(x0.shape[0], branch_steps, group_size, x0.device)
+    if leader is not None:
+        x0 = x0[leader(0)]
     x, records = x0, []
     for k in range(times.numel() - 1):
         t, h = float(times[k]), float(times[k + 1] - times[k])
         uncond = uncond_logits_fn(x, t) if cfg_scale != 0 else None
         probs = guided_log_probs(logits_fn(x, t), uncond, cfg_scale, temperature).exp()
         rec = sample_step_recorded(path, probs, x, t, h, generator, num_draws, head_size)
+        if leader is not None:
+            rows = leader(k + 1)
+            rec = StepRecord(**{f.name: getattr(rec, f.name)[rows] for f in fields(rec)})
         records.append(rec)
         x = rec.x_next
     stacked = {name: torch.stack([getattr(r, name) for r in records], dim=1) for name in _PER_STEP}

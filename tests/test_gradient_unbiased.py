@@ -22,7 +22,7 @@ Each batch gradient is divided by that constant; the check projects the M estima
 brute-force direction and asserts their mean matches ``‖∇E[R]‖`` within 5 standard errors (and the
 cosine of the mean estimate with the exact gradient is near 1). The same check fails by many
 standard errors for the paper's step selection (``include_last_step=False``: steps 0..K−2 only) and for
-the d1 surrogate ``posterior_only``.
+the d1 surrogate ``posterior_only``. Branched rollouts (``rollout_branching``) pass it.
 """
 
 from __future__ import annotations
@@ -111,7 +111,10 @@ def trainer_gradients(tmp_path, kind: str, batch: int, steps: int, seed: int = 0
     trainer.add_callback(tap)
     trainer.train()
     assert len(tap.grads) == steps
-    trained = trainer.max_completion_length  # T, the trained steps per rollout
+    # T: the trainable steps. Branched rollouts train one of them per rollout, uniformly per group,
+    # which gives the same expectation as training all T with the loss's 1/T.
+    trained = len(trainer._trainable_steps(K))
+    assert trainer.max_completion_length == (1 if config.get("rollout_branching") else trained)
     scale = (1 - 1 / G) / (trained * D)
     return -torch.stack(tap.grads) / scale
 
@@ -151,6 +154,20 @@ def test_policy_gradient_matches_brute_force(tmp_path, kind, estimator):
     assert abs(mean - target) <= BAND * se, f"projection {mean:.4f} ± {se:.4f} vs exact {target:.4f}"
     assert se < 0.05 * target  # the band is tight enough to catch a bias of 25% of the gradient
     assert cos > 0.95, cos
+
+
+@pytest.mark.parametrize("estimator", ["exact", "top_k"])
+@pytest.mark.parametrize("kind", PATHS)
+def test_branched_rollouts_match_brute_force(tmp_path, kind, estimator):
+    """Step-level credit (groups share x_0..x_k, branch at a uniform trained step k, train step k
+    with the siblings' mean as baseline) is unbiased too."""
+    exact = exact_gradient(kind)
+    grads = trainer_gradients(tmp_path, kind, 512, 16, estimator=estimator, rollout_branching=True)
+    mean, se, cos = projection(grads, exact)
+    target = exact.norm().item()
+    assert abs(mean - target) <= BAND * se, f"projection {mean:.4f} ± {se:.4f} vs exact {target:.4f}"
+    assert se < 0.06 * target
+    assert cos > 0.9, cos
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)

@@ -332,3 +332,39 @@ def test_time_conditioned_model_gets_the_step_time(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs[0]["flow/abs_log_ratio/step_1"] < 1e-5  # rollout and scoring agree on t
+
+
+@pytest.mark.parametrize("path", ["mask", "uniform", "metric"])
+def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
+    trainer = make_trainer(tmp_path, path, estimator="top_k", rollout_branching=True, per_device_train_batch_size=8)
+    seen = []
+    original = trainer._generate
+
+    def spy(prompts):
+        out = original(prompts)
+        seen.append(trainer._flow_current)
+        return out
+
+    trainer._generate = spy
+    before = _params(trainer.model)
+    trainer.train()
+    assert trainer.max_completion_length == 1
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if n in before)
+    for rows in seen:
+        steps, states = rows["flow_step_index"], rows["flow_states"]
+        assert steps.shape == (8, 1)
+        for g in range(2):
+            k = int(steps[4 * g, 0])
+            assert (steps[4 * g : 4 * g + 4] == k).all() and k in trainer._trainable_steps(4)
+            group = states[4 * g : 4 * g + 4]
+            assert (group[:, : k + 1] == group[:1, : k + 1]).all()
+
+
+def test_branched_rollouts_reject_what_they_cannot_train(tmp_path):
+    with pytest.raises(ValueError, match="posterior_only"):
+        make_args(tmp_path, estimator="posterior_only", rollout_branching=True)
+    with pytest.raises(ValueError, match="num_train_steps_per_rollout"):
+        make_args(tmp_path, rollout_branching=True, num_train_steps_per_rollout=2)
+    trainer = make_trainer(tmp_path, rollout_branching=True)
+    with pytest.raises(ValueError, match="whole groups"):
+        trainer._branch_steps(["a", "a", "b", "a"], 4, torch.device("cpu"))

@@ -37,6 +37,12 @@ class DFlowGRPOConfig(GRPOConfig):
             excludes it (steps 0..K-2 only); that biases the policy gradient, which then no longer
             ascends E[R] (tests/test_gradient_unbiased.py measures it against brute force), so the
             default trains it. ``False`` reproduces the paper's setting.
+        rollout_branching: step-level credit. Each group of ``num_generations`` rollouts shares one
+            trajectory ``x_0 .. x_k`` and branches at a trained step ``k`` drawn uniformly per
+            group; only step ``k`` is trained, so the group's reward spread is what happened from
+            ``x_k`` on and the group mean is a baseline conditioned on ``x_k``. Unbiased for the
+            policy gradient up to the positive factor ``1/T`` (T trained steps), with one step's
+            score terms per rollout instead of T; one backward step per rollout.
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.
         step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
@@ -69,6 +75,10 @@ class DFlowGRPOConfig(GRPOConfig):
         default=True,
         metadata={"help": "Train the final direct-posterior step (paper: False, which biases the gradient)."},
     )
+    rollout_branching: bool = field(
+        default=False,
+        metadata={"help": "Groups share their trajectory up to a random step and branch there; only that step is trained."},
+    )
     num_train_steps_per_rollout: int | None = field(
         default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}
     )
@@ -100,6 +110,10 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"step_aggregation must be 'mean' or 'sum', got {self.step_aggregation!r}")
         if self.num_train_steps_per_rollout is not None and self.num_train_steps_per_rollout < 1:
             errors.append("num_train_steps_per_rollout must be >= 1 or None")
+        if self.rollout_branching and self.estimator == "posterior_only":
+            errors.append("rollout_branching trains one denoising step; posterior_only scores none: use another estimator")
+        if self.rollout_branching and self.num_train_steps_per_rollout is not None:
+            errors.append("rollout_branching trains one step per rollout already: leave num_train_steps_per_rollout unset")
         if self.flow_temperature <= 0:
             errors.append(f"flow_temperature must be > 0, got {self.flow_temperature}")
         if self.use_vllm:

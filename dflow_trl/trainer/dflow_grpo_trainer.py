@@ -173,6 +173,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
         return steps
 
     def _num_trained_steps(self, num_steps: int) -> int:
+        if self.args.rollout_branching:
+            return 1
         n = len(self._trainable_steps(num_steps))
         return min(n, self.args.num_train_steps_per_rollout or n)
 
@@ -193,6 +195,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
         batch = flow_model.prepare_flow_inputs(prompts, self.processing_class, **columns)
         num_steps = args.num_flow_steps if mode == "train" else args.num_flow_steps_eval
         cfg = args.cfg_scale if mode == "train" else args.cfg_scale_eval
+        # Evaluation scores the policy on independent rollouts; branching is a training-time estimator.
+        branching = args.rollout_branching and mode == "train"
+        branch = self._branch_steps(prompts, num_steps, batch.input_ids.device) if branching else None
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
         ) as unwrapped:
@@ -205,9 +210,14 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 temperature=args.flow_temperature,
                 estimator=self.estimator,
                 chunk_size=args.rollout_batch_size or args.per_device_train_batch_size,
+                branch_steps=branch,
+                group_size=self.num_generations,
             )
         completions = flow_model.decode_canvas(traj.final, self.processing_class)
-        step_index = self._select_steps(batch.batch_size, num_steps, traj.states.device)
+        if branch is not None:
+            step_index = branch.unsqueeze(1)
+        else:
+            step_index = self._select_steps(batch.batch_size, num_steps, traj.states.device)
         self._flow_canvas = traj.final.tolist()
         self._flow_current = {
             **traj.to_dict(),
@@ -232,6 +242,18 @@ class DFlowGRPOTrainer(GRPOTrainer):
             return steps.expand(batch_size, -1).clone()
         order = torch.rand(batch_size, steps.numel(), device=device).argsort(-1)[:, :keep].sort(-1).values
         return steps[order]
+
+    def _branch_steps(self, prompts: list[Any], num_steps: int, device: torch.device) -> torch.Tensor:
+        """One trained step per group, uniformly at random, repeated for the group's rows."""
+        g = self.num_generations
+        if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
+            raise ValueError(
+                f"rollout_branching needs each process's batch to hold whole groups of {g} rollouts of one prompt; "
+                "make per_device_train_batch_size a multiple of num_generations"
+            )
+        steps = torch.tensor(self._trainable_steps(num_steps), device=device)
+        pick = torch.randint(0, steps.numel(), (len(prompts) // g,), device=device)
+        return steps[pick].repeat_interleave(g)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         return super()._calculate_rewards(inputs, prompts, completions, self._flow_canvas)
