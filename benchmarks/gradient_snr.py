@@ -33,8 +33,8 @@ def batch_gradients(estimator: str, prompt_row: dict, args: argparse.Namespace, 
     """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts) and their mean rewards."""
     from datasets import Dataset
 
-    from dflow_trl.models.pretrained import load_shapeworld_model
     from dflow_trl.rewards import get_reward_function
+    from dflow_trl.tasks.shapeworld.pretrained import load_shapeworld_model
     from dflow_trl.trainer import DFlowGRPOConfig, DFlowGRPOTrainer
 
     torch.manual_seed(args.seed)
@@ -96,7 +96,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.reps < 2:
         ap.error("--reps must be >= 2 (the cosine needs a pair)")
-    from dflow_trl.data import all_prompts
+    from dflow_trl.tasks.shapeworld import all_prompts
 
     by_prompt = {m["prompt"]: m for m in all_prompts()}
     unknown = [p for p in a.prompts if p not in by_prompt]

@@ -23,8 +23,8 @@ import json
 import time
 from pathlib import Path
 
-from dflow_trl.data import TAGS
-from dflow_trl.demo import DEMO_DEFAULTS, build_parser, build_trainer, run
+from dflow_trl.tasks.shapeworld import TAGS
+from dflow_trl.tasks.shapeworld.demo import DEMO_DEFAULTS, build_parser, build_trainer, run
 
 ESTIMATORS = ("monte_carlo", "top_k", "posterior_only")
 # Training prompts the shipped base half-solves (shape hybrids; relation at chance).
@@ -96,9 +96,9 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
     import torch
     from datasets import Dataset
 
-    from dflow_trl.data import all_prompts
-    from dflow_trl.evaluation import evaluate_t2i
-    from dflow_trl.models.pretrained import load_shapeworld_model
+    from dflow_trl.tasks.shapeworld import all_prompts
+    from dflow_trl.tasks.shapeworld.evaluation import evaluate_t2i
+    from dflow_trl.tasks.shapeworld.pretrained import load_shapeworld_model
 
     eval_steps = a.eval_steps or DEMO_DEFAULTS["t2i"]["eval_steps"]
     metas = {m["prompt"]: m for m in all_prompts()}

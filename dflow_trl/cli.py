@@ -51,11 +51,11 @@ def load_prompt_dataset(name: str, split: str) -> Any:
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
     if name == "shapeworld-t2i":
-        from .data import make_t2i_dataset
+        from .tasks.shapeworld import make_t2i_dataset
 
         return make_t2i_dataset(split)
     if name == "shapeworld-vqa":
-        from .data import make_vqa_dataset
+        from .tasks.shapeworld import make_vqa_dataset
 
         return make_vqa_dataset(split)
     if os.path.isdir(name):
@@ -74,7 +74,7 @@ def load_prompt_dataset(name: str, split: str) -> Any:
 
 def resolve_model_path(name: str | None) -> str:
     if name in (None, "", *BUILTIN_MODELS):
-        from .models.pretrained import SHAPEWORLD_DIR
+        from .tasks.shapeworld.pretrained import SHAPEWORLD_DIR
 
         return str(SHAPEWORLD_DIR)
     if not os.path.isdir(name):
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         return train(rest)
     if command == "demo":
-        from .demo import main as demo_main
+        from .tasks.shapeworld.demo import main as demo_main
 
         return demo_main(rest)
     if command == "reward-server":

@@ -7,8 +7,8 @@ import json
 import pytest
 from PIL import Image
 
-from dflow_trl.data import score_t2i
-from dflow_trl.demo import build_parser, picture_columns, run
+from dflow_trl.tasks.shapeworld import score_t2i
+from dflow_trl.tasks.shapeworld.demo import build_parser, picture_columns, run
 
 
 def test_picture_shows_the_first_prompts_of_each_category_whatever_their_scores():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dflow_trl.data import (
+from dflow_trl.models import DFMTransformer, DFMTransformerConfig
+from dflow_trl.tasks.shapeworld import (
     ANSWER_LENGTH,
     GRID,
     MAX_TEXT_LENGTH,
@@ -16,8 +17,7 @@ from dflow_trl.data import (
     make_vqa_dataset,
     palette_embeddings,
 )
-from dflow_trl.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
-from dflow_trl.models import DFMTransformer, DFMTransformerConfig
+from dflow_trl.tasks.shapeworld.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
 
 
 @pytest.fixture(scope="module")

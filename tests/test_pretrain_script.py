@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dflow_trl.models.pretrained import load_shapeworld_model
+from dflow_trl.tasks.shapeworld.pretrained import load_shapeworld_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "shapeworld" / "pretrain.py"
 
@@ -53,7 +53,7 @@ def test_pretrain_rejects_bad_arguments():
 def test_t2i_source_draws_both_sides_of_the_split_with_noisy_captions():
     import random
 
-    from dflow_trl.data import all_prompts, score_t2i, t2i_split_of
+    from dflow_trl.tasks.shapeworld import all_prompts, score_t2i, t2i_split_of
 
     script = _load_script()
     metas = {m["prompt"]: m for m in all_prompts()}

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from dflow_trl.data import ANSWER_LENGTH, GRID, PALETTE_SIZE, make_vqa_dataset, palette_embeddings
-from dflow_trl.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
 from dflow_trl.models import DFMTransformer
-from dflow_trl.models.pretrained import SHAPEWORLD_DIR, load_shapeworld_model
 from dflow_trl.paths import MetricInducedPath, MixturePath
 from dflow_trl.rollout import generate
+from dflow_trl.tasks.shapeworld import ANSWER_LENGTH, GRID, PALETTE_SIZE, make_vqa_dataset, palette_embeddings
+from dflow_trl.tasks.shapeworld.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
+from dflow_trl.tasks.shapeworld.pretrained import SHAPEWORLD_DIR, load_shapeworld_model
 
 # The shipped weights draw every held-out single-object prompt correctly (strict 1.0 at 12 steps,
 # seed 0; an untrained model scores 0) and answer ~0.32 of held-out questions at 4 steps (an

@@ -108,7 +108,7 @@ def test_registry_is_lazy_and_shapeworld_names_resolve():
         "loaded = [m for m in sys.modules if m.startswith('dflow_trl.rewards.')]; "
         "assert not loaded, loaded; "
         "f = r.get_reward_function('shapeworld_strict'); "
-        "import dflow_trl.rewards.shapeworld as s; assert f is s.shapeworld_strict; "
+        "import dflow_trl.tasks.shapeworld.rewards as s; assert f is s.shapeworld_strict; "
         "assert 'dflow_trl.rewards.clip_scorers' not in sys.modules; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -8,8 +8,15 @@ import random
 
 import pytest
 
-from dflow_trl.data import TAGS, all_prompts, render_scene, score_t2i, spec_from_metadata, t2i_split_of
-from dflow_trl.data.corpus import CORRUPTIONS, CaptionCorpus, miscaptioned
+from dflow_trl.tasks.shapeworld import (
+    TAGS,
+    all_prompts,
+    render_scene,
+    score_t2i,
+    spec_from_metadata,
+    t2i_split_of,
+)
+from dflow_trl.tasks.shapeworld.corpus import CORRUPTIONS, CaptionCorpus, miscaptioned
 
 
 def _canonical(meta: dict):

@@ -10,9 +10,7 @@ import re
 import pytest
 import torch
 
-from dflow_trl.data.prompts import bindings_of
-from dflow_trl.data.shapes import TEMPLATES, classify_cells, mask_distance
-from dflow_trl.data.shapeworld import (
+from dflow_trl.tasks.shapeworld import (
     ANSWERS,
     CANVAS_LENGTH,
     COLORS,
@@ -44,6 +42,8 @@ from dflow_trl.data.shapeworld import (
     t2i_prompts,
     t2i_split_of,
 )
+from dflow_trl.tasks.shapeworld.prompts import bindings_of
+from dflow_trl.tasks.shapeworld.shapes import TEMPLATES, classify_cells, mask_distance
 
 # ---- palette and shapes --------------------------------------------------------------------------
 

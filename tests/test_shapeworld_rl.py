@@ -8,10 +8,10 @@ import os
 import torch
 from datasets import Dataset
 
-from dflow_trl.data import all_prompts
-from dflow_trl.demo import DEMO_DEFAULTS, build_trainer
-from dflow_trl.evaluation import evaluate_t2i
-from dflow_trl.models.pretrained import load_shapeworld_model
+from dflow_trl.tasks.shapeworld import all_prompts
+from dflow_trl.tasks.shapeworld.demo import DEMO_DEFAULTS, build_trainer
+from dflow_trl.tasks.shapeworld.evaluation import evaluate_t2i
+from dflow_trl.tasks.shapeworld.pretrained import load_shapeworld_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -8,9 +8,7 @@ import random
 import pytest
 import torch
 
-from dflow_trl.data.scenes import bbox_of
-from dflow_trl.data.shapes import TEMPLATE_SIZES, TEMPLATES
-from dflow_trl.data.shapeworld import (
+from dflow_trl.tasks.shapeworld import (
     GRID,
     TAGS,
     all_prompts,
@@ -23,7 +21,9 @@ from dflow_trl.data.shapeworld import (
     spec_from_metadata,
     summarize_by_tag,
 )
-from dflow_trl.rewards.shapeworld import shapeworld_answer, shapeworld_partial, shapeworld_strict
+from dflow_trl.tasks.shapeworld.rewards import shapeworld_answer, shapeworld_partial, shapeworld_strict
+from dflow_trl.tasks.shapeworld.scenes import bbox_of
+from dflow_trl.tasks.shapeworld.shapes import TEMPLATE_SIZES, TEMPLATES
 
 # Hand-drawn grids: one letter per cell, "." for background.
 LETTERS = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from dflow_trl.data.shapeworld import (
+from dflow_trl.tasks.shapeworld import (
     ANSWER_LENGTH,
     ANSWERS,
     MAX_TEXT_LENGTH,
@@ -16,7 +16,7 @@ from dflow_trl.data.shapeworld import (
     make_vqa_dataset,
     normalize_answer,
 )
-from dflow_trl.data.tokenizer import all_texts, vocabulary
+from dflow_trl.tasks.shapeworld.tokenizer import all_texts, vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Pretrain the ShapeWorld unified discrete flow model that ships in ``dflow_trl/assets/shapeworld``.
+"""Pretrain the ShapeWorld unified discrete flow model that ships in ``dflow_trl/tasks/shapeworld/assets``.
 
 One :class:`~dflow_trl.models.DFMTransformer` learns both tasks, the way FUDOKI is one model for
 both: text-to-image (prompt → 16×16 palette canvas on the metric-induced path over the palette
@@ -11,12 +11,12 @@ dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch
 
 The shipped asset was made with (torch 2.13, 2 CPU cores)::
 
-    python examples/shapeworld/pretrain.py --output-dir dflow_trl/assets/shapeworld --steps 3600 --t-power 2
+    python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets --steps 3600 --t-power 2
 
 Measured: 29.0 minutes of wall time for 3600 steps on an otherwise idle 2-core CPU.
 ``training_log.json`` beside the weights holds the loss curve and arguments. The metric path uses
 FUDOKI's schedule (c = 3, a = 0.9) over centred-RGB palette embeddings (see
-``dflow_trl/data/palette.py``). Text-to-image scenes are canonical (``place_scene(...,
+``dflow_trl/tasks/shapeworld/palette.py``). Text-to-image scenes are canonical (``place_scene(...,
 canonical=True)``) and ``--t-power 2`` spends more steps at small t, where the prompt alone has to
 fix the layout; ``docs/shapeworld.md`` says why both were needed.
 
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dflow_trl.data import (
+from dflow_trl.models import DFMTransformer, DFMTransformerConfig
+from dflow_trl.tasks.shapeworld import (
     ANSWER_LENGTH,
     CANVAS_LENGTH,
     GRID,
@@ -48,8 +49,7 @@ from dflow_trl.data import (
     palette_embeddings,
     palette_rgb,
 )
-from dflow_trl.data.corpus import DEFAULT_CAPTION_NOISE, CaptionCorpus
-from dflow_trl.models import DFMTransformer, DFMTransformerConfig
+from dflow_trl.tasks.shapeworld.corpus import DEFAULT_CAPTION_NOISE, CaptionCorpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--caption-noise",
         type=float,
         default=DEFAULT_CAPTION_NOISE,
-        help="fraction of text-to-image captions that describe their image wrongly (dflow_trl.data.corpus)",
+        help="fraction of text-to-image captions that describe their image wrongly (dflow_trl.tasks.shapeworld.corpus)",
     )
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
@@ -159,7 +159,7 @@ class Batch:
 
 
 class T2ISource:
-    """Endless text-to-image pairs from the noisy-caption corpus (``dflow_trl.data.corpus``):
+    """Endless text-to-image pairs from the noisy-caption corpus (``dflow_trl.tasks.shapeworld.corpus``):
     every prompt of every category, a ``caption_noise`` fraction of them captioned wrongly."""
 
     def __init__(self, rng: random.Random, tag_power: float, caption_noise: float = DEFAULT_CAPTION_NOISE) -> None:

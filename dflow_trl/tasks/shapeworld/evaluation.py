@@ -17,8 +17,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 
-from .data import TAGS, decode_answer, make_t2i_dataset, normalize_answer, score_t2i
-from .rollout import generate
+from ...rollout import generate
+from .datasets import make_t2i_dataset
+from .prompts import TAGS
+from .scoring import score_t2i
+from .tokenizer import decode_answer, normalize_answer
 
 __all__ = ["balanced_t2i_eval_set", "evaluate_t2i", "evaluate_vqa", "standard_error"]
 

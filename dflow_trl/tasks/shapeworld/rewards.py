@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..data.scoring import score_t2i
-from ..data.tokenizer import normalize_answer
+from .scoring import score_t2i
+from .tokenizer import normalize_answer
 
 
 def _check_lengths(name: str, n: int, column: str, values: Sequence[Any] | None) -> Sequence[Any]:

@@ -81,7 +81,8 @@ def _balanced_train_prompts(seed: int, per_tag: int = 64) -> Any:
     """Training prompts with every category equally represented (the raw split is mostly colour_attr)."""
     from datasets import concatenate_datasets
 
-    from .data import TAGS, make_t2i_dataset
+    from .datasets import make_t2i_dataset
+    from .prompts import TAGS
 
     full = make_t2i_dataset("train")
     rng = random.Random(seed)
@@ -157,7 +158,7 @@ def picture_columns(tags: list[str], per_tag: int = 1) -> list[int]:
 def _picture(eval_data: Any, base: dict[str, Any], final: dict[str, Any], out: Path) -> None:
     """The scored samples themselves (each prompt's first seed), base above and tuned below (same
     prompts, same noise), each framed green if it satisfies its prompt and red if not."""
-    from .data import render_grid_strip
+    from .palette import render_grid_strip
 
     cols = picture_columns(eval_data["tag"], per_tag=2)
     rows = [[run["samples"][i][0] for i in cols] for run in (base, final)]
@@ -170,7 +171,7 @@ def _picture(eval_data: Any, base: dict[str, Any], final: dict[str, Any], out: P
 def _write_samples(eval_data: Any, base: dict[str, Any], final: dict[str, Any], seeds: tuple[int, ...], path: Path) -> None:
     """``samples.jsonl``: one line per scored sample, with its prompt, GenEval metadata, seed and
     the base and tuned 16×16 grids of palette token ids, so anyone can rescore them."""
-    from .data import GRID
+    from .palette import GRID
 
     with path.open("w") as f:
         for i, (prompt, meta) in enumerate(zip(eval_data["prompt"], eval_data["metadata"])):
@@ -218,8 +219,8 @@ def build_trainer(
     import torch
     from peft import LoraConfig
 
-    from .rewards import get_reward_function
-    from .trainer import DFlowGRPOConfig, DFlowGRPOTrainer
+    from ...rewards import get_reward_function
+    from ...trainer import DFlowGRPOConfig, DFlowGRPOTrainer
 
     targs = DFlowGRPOConfig(
         output_dir=str(output_dir),
@@ -276,9 +277,9 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     t_start = time.perf_counter()
     import torch
 
-    from .data import make_vqa_dataset
+    from .datasets import make_vqa_dataset
     from .evaluation import balanced_t2i_eval_set, standard_error
-    from .models.pretrained import load_shapeworld_model
+    from .pretrained import load_shapeworld_model
 
     task = args.task
     cfg = dict(DEMO_DEFAULTS[task])

@@ -1,10 +1,4 @@
-"""The ShapeWorld synthetic task: ``datasets.Dataset`` builders and the task's public API.
-
-Images are ``16 × 16`` grids of palette tokens (``palette``), showing simple shapes
-(``shapes``) placed per a ``SceneSpec`` (``scenes``). Text-to-image prompts come in GenEval's six
-categories with GenEval-format metadata and a split into disjoint RL-training and evaluation
-prompt strings (``prompts``); the pretraining corpus of noisy captions is ``corpus``; understanding questions have one-word answers (``vqa``); ``scoring`` is the
-programmatic GenEval analogue; ``tokenizer`` covers all the text.
+"""``datasets.Dataset`` builders of the ShapeWorld task: text-to-image prompts and understanding questions.
 
 Dataset columns follow what TRL expects: ``prompt`` is the text condition, every other column is
 passed to reward functions as a list. The image condition of a question is ``scene_tokens`` (256
@@ -21,111 +15,11 @@ from collections.abc import Iterable
 
 from datasets import Dataset
 
-from .palette import (
-    BACKGROUND,
-    CANVAS_LENGTH,
-    COLORS,
-    GRID,
-    PALETTE_SIZE,
-    as_grid,
-    color_token,
-    grid_to_image,
-    palette_embeddings,
-    palette_rgb,
-    render_grid_strip,
-)
-from .prompts import (
-    HELD_OUT_BINDINGS,
-    HELD_OUT_COUNTS,
-    HELD_OUT_PAIRS,
-    TAGS,
-    all_prompts,
-    check_metadata,
-    check_split,
-    check_tag,
-    in_split,
-    is_held_out,
-    scene_is_train_safe,
-    spec_from_metadata,
-    t2i_prompts,
-    t2i_split_of,
-)
-from .scenes import (
-    DEFAULT_COLORS,
-    RELATIONS,
-    SLOTS,
-    DetectedObject,
-    ObjectSpec,
-    SceneSpec,
-    place_scene,
-    relative_position,
-    render_scene,
-)
-from .scoring import ScoreDetails, parse_grid, score_t2i, summarize_by_tag
-from .shapes import SHAPES, classify_cells
-from .tokenizer import (
-    ANSWER_LENGTH,
-    MAX_TEXT_LENGTH,
-    SPECIAL_TOKENS,
-    build_shapeworld_tokenizer,
-    decode_answer,
-    encode_answer,
-    normalize_answer,
-)
-from .vqa import ANSWERS, QTYPES, vqa_examples
+from .prompts import TAGS, check_split, check_tag, spec_from_metadata, t2i_prompts
+from .scenes import render_scene
+from .vqa import vqa_examples
 
-__all__ = [
-    "ANSWERS",
-    "ANSWER_LENGTH",
-    "BACKGROUND",
-    "CANVAS_LENGTH",
-    "COLORS",
-    "DEFAULT_COLORS",
-    "GRID",
-    "HELD_OUT_BINDINGS",
-    "HELD_OUT_COUNTS",
-    "HELD_OUT_PAIRS",
-    "MAX_TEXT_LENGTH",
-    "PALETTE_SIZE",
-    "QTYPES",
-    "RELATIONS",
-    "SHAPES",
-    "SLOTS",
-    "SPECIAL_TOKENS",
-    "TAGS",
-    "VQA_DEFAULT_SIZES",
-    "DetectedObject",
-    "ObjectSpec",
-    "SceneSpec",
-    "ScoreDetails",
-    "all_prompts",
-    "as_grid",
-    "build_shapeworld_tokenizer",
-    "check_metadata",
-    "classify_cells",
-    "color_token",
-    "decode_answer",
-    "encode_answer",
-    "grid_to_image",
-    "in_split",
-    "is_held_out",
-    "make_t2i_dataset",
-    "make_vqa_dataset",
-    "normalize_answer",
-    "palette_embeddings",
-    "palette_rgb",
-    "parse_grid",
-    "place_scene",
-    "relative_position",
-    "render_grid_strip",
-    "render_scene",
-    "scene_is_train_safe",
-    "score_t2i",
-    "spec_from_metadata",
-    "summarize_by_tag",
-    "t2i_prompts",
-    "t2i_split_of",
-]
+__all__ = ["VQA_DEFAULT_SIZES", "make_t2i_dataset", "make_vqa_dataset"]
 
 VQA_DEFAULT_SIZES: dict[str, int] = {"train": 4000, "test": 1000}
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerFast
 
-from .dfm_transformer import DFMTransformer, Task
+from ...models.dfm_transformer import DFMTransformer, Task
 
-SHAPEWORLD_DIR: Path = Path(__file__).resolve().parent.parent / "assets" / "shapeworld"
+SHAPEWORLD_DIR: Path = Path(__file__).resolve().parent / "assets"
 
 __all__ = ["SHAPEWORLD_DIR", "load_shapeworld_model"]
 

@@ -88,7 +88,7 @@ def relative_position(a: BBox, b: BBox, margin: float = POSITION_MARGIN) -> set[
     """The relations of box ``a`` to box ``b`` by GenEval's rule: the offset of the box centres,
     each axis shrunk towards 0 by ``margin`` times the summed box sizes, then normalised by the
     raw offset's length; a component beyond ±0.5 gives a relation (so a diagonal offset can give two)."""
-    from ..rewards.geneval_rules import relative_position as geneval_relative_position
+    from ...rewards.geneval_rules import relative_position as geneval_relative_position
 
     # Cells (top, left, bottom, right), inclusive → GenEval's (x0, y0, x1, y1) boxes.
     (at, al, ab, ar), (bt, bl, bb, br) = a, b
