@@ -11,7 +11,11 @@ is the per-rollout signal-to-noise ratio, and about 1/ρ rollouts make one gradi
 equals its noise. cos ≈ 0 means the batch gradient is mostly noise: the optimizer then needs many
 more steps (or larger batches) before the reward moves.
 
-    python benchmarks/gradient_snr.py --estimators top_k exact posterior_only --accumulate 1 4
+A method is an estimator name, or ``NAME+branch`` for the same estimator with branched rollouts
+(``rollout_branching``: one trained step per rollout, step-level credit). ``seconds`` is the wall
+time of the setting's R gradients, so ρ per second compares methods of different cost.
+
+    python benchmarks/gradient_snr.py --estimators top_k top_k+branch exact posterior_only --json out.json
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
-def batch_gradients(estimator: str, prompt_row: dict, args: argparse.Namespace, accumulate: int) -> tuple[torch.Tensor, list[float]]:
+def batch_gradients(method: str, prompt_row: dict, args: argparse.Namespace, accumulate: int) -> tuple[torch.Tensor, list[float]]:
     """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts) and their mean rewards."""
+    estimator, _, variant = method.partition("+")
+    if variant not in ("", "branch"):
+        raise SystemExit(f"unknown method {method!r}: use an estimator name or NAME+branch")
     from datasets import Dataset
 
     from dflow_trl.rewards import get_reward_function
@@ -51,6 +58,7 @@ def batch_gradients(estimator: str, prompt_row: dict, args: argparse.Namespace, 
         num_mc_samples=8,
         top_k_size=4,
         include_last_step=True,
+        rollout_branching=variant == "branch",
         report_to="none",
         seed=args.seed,
     )
@@ -93,6 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="model folder (default: the shipped ShapeWorld model)")
     ap.add_argument("--output", default="benchmarks/results/gradient_snr")
+    ap.add_argument("--json", default=None, help="also write the table as JSON to this path")
     a = ap.parse_args()
     if a.reps < 2:
         ap.error("--reps must be >= 2 (the cosine needs a pair)")
@@ -119,10 +128,16 @@ def main() -> None:
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     (out / "gradient_snr.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| prompt | estimator | rollouts / gradient | mean pairwise cos | ρ per rollout |", "|---|---|---|---|---|"]
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+    lines = [
+        "| prompt | method | mean reward | rollouts / gradient | mean pairwise cos | ρ per rollout | s per gradient |",
+        "|---|---|---|---|---|---|---|",
+    ]
     lines += [
-        f"| {r['prompt'].removeprefix('a photo of ')} | {r['estimator']} | {r['rollouts_per_gradient']} | "
-        f"{r['cosine']:.3f} | {r['rho']:.1e} |"
+        f"| {r['prompt'].removeprefix('a photo of ')} | {r['estimator']} | {r['mean_reward']:.2f} | "
+        f"{r['rollouts_per_gradient']} | {r['cosine']:.3f} | {r['rho']:.1e} | {r['seconds'] / a.reps:.1f} |"
         for r in rows
     ]
     table = "\n".join(lines)
