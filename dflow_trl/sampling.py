@@ -45,7 +45,10 @@ def guided_log_probs(
     if cfg_scale != 0:
         if uncond_logits is None:
             raise ValueError("cfg_scale != 0 needs unconditional logits")
-        logits = (1 + cfg_scale) * cond_logits - cfg_scale * uncond_logits
+        guided = (1 + cfg_scale) * cond_logits - cfg_scale * uncond_logits
+        # A token the model rules out (-inf, e.g. the mask token of a masked path) stays ruled out;
+        # (1 + w)(-inf) - w(-inf) would be NaN.
+        logits = torch.where(torch.isneginf(cond_logits), cond_logits, guided)
     return torch.log_softmax(logits.float() / temperature, dim=-1)
 
 

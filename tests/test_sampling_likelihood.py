@@ -235,6 +235,31 @@ def test_trajectory_rollout_records_consistent_steps():
     assert torch.equal(back.states, traj.states) and torch.equal(back.times, traj.times)
 
 
+@pytest.mark.parametrize("name", PATHS)
+def test_cfg_keeps_ruled_out_tokens_out_on_every_path(name):
+    """CFG on a model that rules a token out (the mask logit is -inf on the masked path) stays
+    finite and keeps that token at probability 0; the guided rollout's records are finite."""
+    path = small_paths()[name]
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(V_SMALL, V_SMALL, generator=g)
+    banned = path.mask_token_id if name == "mask" else 0
+
+    def logits_fn(x, t):
+        return table[x].index_fill(-1, torch.tensor([banned]), float("-inf"))
+
+    def uncond_fn(x, t):
+        return (0.5 * table[x]).index_fill(-1, torch.tensor([banned]), float("-inf"))
+
+    log_post = guided_log_probs(logits_fn(torch.arange(V_SMALL), 0.5), uncond_fn(torch.arange(V_SMALL), 0.5), 3.0)
+    assert not log_post.isnan().any() and (log_post[:, banned] == float("-inf")).all()
+    x0 = path.sample_source((4, 5), generator=g)
+    traj = sample_trajectory(path, logits_fn, x0, num_steps=4, uncond_logits_fn=uncond_fn, cfg_scale=3.0,
+                             num_draws=4, head_size=2, generator=g)  # fmt: skip
+    assert torch.isfinite(traj.old_log_prob).all()
+    if name != "mask":
+        assert (traj.final != banned).all()
+
+
 def test_posterior_only_scores_final_sample_at_source():
     log_post = torch.log_softmax(torch.randn(2, 3, V_SMALL), -1)
     x0 = torch.zeros(2, 3, dtype=torch.long)

@@ -37,6 +37,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         eval_per_tag=24,
         eval_samples=4,
         estimator="top_k",
+        rollout_branching=False,
         reward="shapeworld_partial",
         lora_r=16,
         # A safety net only: the default run ends at max_steps well inside it.
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None, help="RL optimizer steps (stops earlier at the budget)")
     ap.add_argument("--learning-rate", type=float, default=None)
     ap.add_argument("--estimator", choices=["monte_carlo", "top_k", "exact", "posterior_only"], default=None)
+    ap.add_argument(
+        "--rollout-branching", action=argparse.BooleanOptionalAction, default=None,
+        help="step-level credit from branched rollouts (DFlowGRPOConfig.rollout_branching)",
+    )
     ap.add_argument("--eval-per-tag", type=int, default=None, help="held-out prompts per category (t2i)")
     ap.add_argument("--eval-questions", type=int, default=240, help="held-out questions (understanding)")
     ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation rollouts")
@@ -234,6 +239,7 @@ def build_trainer(
         max_steps=cfg["max_steps"],
         num_flow_steps=cfg["num_flow_steps"],
         estimator=cfg["estimator"],
+        rollout_branching=cfg.get("rollout_branching", False),
         num_mc_samples=8,
         top_k_size=4,
         include_last_step=True,
@@ -283,7 +289,11 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
 
     task = args.task
     cfg = dict(DEMO_DEFAULTS[task])
-    for key in ("train_minutes", "max_steps", "learning_rate", "estimator", "eval_per_tag", "eval_steps", "eval_samples"):
+    overridable = (
+        "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "eval_per_tag", "eval_steps",
+        "eval_samples",
+    )  # fmt: skip
+    for key in overridable:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     if cfg["eval_samples"] < 1:
