@@ -87,6 +87,11 @@ class TopKEstimator(Estimator):
         self.head_size, self.num_draws = int(k), int(num_draws)
 
     def check_path(self, path: ProbabilityPath) -> None:
+        if self.head_size > path.vocab_size:
+            raise ValueError(
+                f"top_k_size={self.head_size} is larger than the canvas vocabulary V={path.vocab_size}: "
+                f"use top_k_size <= {path.vocab_size} (top_k_size = V is the exact sum)"
+            )
         if self.head_size < path.vocab_size and self.num_draws == 0:
             raise ValueError(
                 f"top_k with k={self.head_size} < V={path.vocab_size} needs num_draws >= 1 to cover the tail"

@@ -14,7 +14,7 @@ from trl import GRPOTrainer
 
 from dflow_trl import DFlowGRPOConfig, DFlowGRPOTrainer
 
-from .tiny import count_reward, prompt_dataset, tiny_model, tiny_tokenizer
+from .tiny import IMAGE_VOCAB, count_reward, prompt_dataset, tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -368,3 +368,22 @@ def test_branched_rollouts_reject_what_they_cannot_train(tmp_path):
     trainer = make_trainer(tmp_path, rollout_branching=True)
     with pytest.raises(ValueError, match="whole groups"):
         trainer._branch_steps(["a", "a", "b", "a"], 4, torch.device("cpu"))
+
+
+def test_inputs_that_would_be_silent_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="cfg_scale"):
+        make_args(tmp_path, cfg_scale=-1.0)
+    with pytest.raises(ValueError, match="empty"):
+        make_trainer(tmp_path, dataset=prompt_dataset(8).select([]))
+    with pytest.raises(ValueError, match="top_k_size"):
+        make_trainer(tmp_path, estimator="top_k", top_k_size=IMAGE_VOCAB + 1)
+
+
+def test_non_finite_logits_are_named_as_such():
+    from dflow_trl.paths import MixturePath
+
+    path = MixturePath(4, source="uniform")
+    probs = torch.full((2, 4), 0.25)
+    probs[1, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        path.check_posterior(probs)

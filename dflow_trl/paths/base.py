@@ -68,6 +68,13 @@ class ProbabilityPath(ABC):
             raise ValueError(f"posterior has {probs.shape[-1]} classes; the path's vocabulary has {self.vocab_size}")
         if not probs.is_floating_point():
             raise ValueError("posterior must be a floating tensor of probabilities")
+        bad = ~torch.isfinite(probs.detach())
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            raise FloatingPointError(
+                f"the posterior is not finite ({int(bad.sum())} NaN/inf entries, first at index {where}): the model's "
+                "canvas logits hold NaN or +inf (or CFG/temperature turned them so); check the model's forward"
+            )
         total = probs.detach().sum(-1)
         if (probs.detach() < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=atol):
             raise ValueError(

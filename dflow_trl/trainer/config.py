@@ -114,6 +114,10 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append("rollout_branching trains one denoising step; posterior_only scores none: use another estimator")
         if self.rollout_branching and self.num_train_steps_per_rollout is not None:
             errors.append("rollout_branching trains one step per rollout already: leave num_train_steps_per_rollout unset")
+        if self.cfg_scale < 0 or self.cfg_scale_eval < 0:
+            errors.append(
+                f"cfg_scale and cfg_scale_eval must be >= 0 (0: no guidance), got {self.cfg_scale} and {self.cfg_scale_eval}"
+            )
         if self.flow_temperature <= 0:
             errors.append(f"flow_temperature must be > 0, got {self.flow_temperature}")
         if self.use_vllm:

@@ -352,6 +352,8 @@ def _check_dataset(name: str, dataset: Any) -> None:
         return
     datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
     for ds in datasets:
+        if hasattr(ds, "__len__") and len(ds) == 0:
+            raise ValueError(f"{name} is empty: there is nothing to train or evaluate on")
         cols = getattr(ds, "column_names", None)
         if cols is None:
             continue
