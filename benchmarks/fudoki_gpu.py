@@ -200,9 +200,9 @@ def build_model(shape: Shape, tokenizer: Any, device: torch.device, dtype: torch
     # FUDOKI's image path is the metric path over the VQ codebook (image_embedding.pt); random rows here.
     g = torch.Generator().manual_seed(seed + 1)
     embedding = torch.randn(shape.codebook, shape.code_dim, generator=g)
-    with tempfile.TemporaryDirectory(prefix="fudoki-bench-") as folder:
-        # What from_pretrained does after loading: attach tokenizer, path embeddings, image processor.
-        model._attach(tokenizer, {"image": embedding}, Path(folder))
+    # What from_pretrained reads beside the weights. The stand-in tokenizer has no id 100015 (FUDOKI's
+    # unconditional token), so its pad token plays that part; CFG is off in the benchmark anyway.
+    model.attach(tokenizer, image_embeddings=embedding, uncond_token_id=tokenizer.pad_token_id)
     model.set_task("t2i")
     return model
 

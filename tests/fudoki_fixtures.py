@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
-SPECIALS = [BOS, EOS, PAD, "<image_placeholder>", "<begin_of_image>", "<end_of_image>"]
+IMAGE, BOI, EOI = "<image_placeholder>", "<begin_of_image>", "<end_of_image>"
+SPECIALS = [BOS, EOS, PAD, IMAGE, BOI, EOI]
+# The tiny tokenizer's ids: the 256 byte-level characters (sorted, so printable ASCII c is
+# ord(c) - 33, "Ġ" (space) 220, "Ċ" (newline) 198), the merges "As" 256, "Ass" 257, "Assi" 258,
+# "Us" 259, then the specials in SPECIALS order.
+TINY_IDS = dict(zip(SPECIALS, range(260, 266)))
+# Specials at DeepSeek's ids where FUDOKI's code or DeepSeek's files pin them: BOS 100000, EOS 100001
+# (the "fudoki" template's stop_token_ids, fudoki/janus/utils/conversation.py), the pad token at
+# 100015 (FUDOKI's literal CFG id), <image_placeholder> 100581 (transformers' JanusConfig default);
+# the <begin_of_image>/<end_of_image> ids are stand-ins. Byte characters and merges keep their tiny ids.
+REAL_IDS = {BOS: 100000, EOS: 100001, PAD: 100015, IMAGE: 100581, BOI: 100016, EOI: 100593}
 
 TINY = {
     "hidden": 32,
@@ -39,6 +49,8 @@ TINY = {
     "vq_res": 1,
 }
 NUM_IMAGE_TOKENS = (TINY["image_size"] // TINY["patch"]) ** 2
+# TINY with FUDOKI's 102400 text tokens, so that id 100015 has an embedding row.
+TINY_REAL_VOCAB = dict(TINY, text_vocab=102400)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +265,23 @@ def fudoki_config(t: dict = TINY) -> dict:
     }
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer with FUDOKI's special tokens, in the files FUDOKI ships."""
+def write_tokenizer(
+    folder: Path,
+    post_processor: str | None = "bos",
+    special_ids: dict[str, int] | None = None,
+    pad_token: str | None = PAD,
+    add_bos_token: bool | None = True,
+) -> dict[str, int]:
+    """A byte-level BPE tokenizer with FUDOKI's special tokens, in the files FUDOKI ships
+    (``tokenizer.json``, ``tokenizer_config.json`` of class ``LlamaTokenizerFast``,
+    ``special_tokens_map.json``). Returns the special tokens' ids.
+
+    ``post_processor``: what ``tokenizer.json`` adds around a text: ``"bos"`` (``<bos> $A``),
+    ``None`` (no post-processor) or ``"eos"`` (``$A <eos>``). ``special_ids``: where the specials sit
+    (default :data:`TINY_IDS`, right after the byte vocabulary; :data:`REAL_IDS` puts them at
+    DeepSeek's ids). ``pad_token``: the pad token of ``special_tokens_map.json`` (``None``: none, so
+    FUDOKI pads with EOS). ``add_bos_token``: ``tokenizer_config.json``'s flag (``None``: absent).
+    """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -262,36 +289,58 @@ def write_tokenizer(folder: Path) -> None:
     merges = [("A", "s"), ("As", "s"), ("Ass", "i"), ("U", "s")]
     for a, b in merges:
         vocab[a + b] = len(vocab)
+    ids = dict(TINY_IDS if special_ids is None else special_ids)
+    vocab.update(ids)  # the specials sit at these ids (a sparse vocabulary is fine for BPE)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ids])
+    assert all(tok.token_to_id(t) == i for t, i in ids.items())
+    if post_processor == "bos":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, ids[BOS])]
+        )
+    elif post_processor == "eos":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, ids[EOS])]
+        )
+    elif post_processor is not None:
+        raise ValueError(post_processor)
     tok.save(str(folder / "tokenizer.json"))
-    _dump(
-        folder / "tokenizer_config.json",
-        {
-            "tokenizer_class": "LlamaTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": None,
-            "model_max_length": 16384,
-            "clean_up_tokenization_spaces": False,
-            "add_bos_token": True,
-            "add_eos_token": False,
-        },
-    )
-    _dump(
-        folder / "special_tokens_map.json",
-        {
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "additional_special_tokens": ["<image_placeholder>"],
-        },
-    )
+    if post_processor is None:  # make sure the file really has none
+        with open(folder / "tokenizer.json", encoding="utf-8") as f:
+            assert json.load(f)["post_processor"] is None
+    config = {
+        "tokenizer_class": "LlamaTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": None,
+        "model_max_length": 16384,
+        "clean_up_tokenization_spaces": False,
+        "add_eos_token": False,
+    }
+    if add_bos_token is not None:
+        config["add_bos_token"] = add_bos_token
+    _dump(folder / "tokenizer_config.json", config)
+    special_map = {"bos_token": BOS, "eos_token": EOS, "additional_special_tokens": [IMAGE]}
+    if pad_token is not None:
+        special_map["pad_token"] = pad_token
+    _dump(folder / "special_tokens_map.json", special_map)
+    return ids
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def with_tokenizer(base: str | Path, folder: str | Path, **tokenizer: object) -> Path:
+    """``base``'s checkpoint with another tokenizer: every other file linked, not copied."""
+    base, folder = Path(base), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in base.iterdir():
+        if f.name not in TOKENIZER_FILES:
+            (folder / f.name).symlink_to(f.resolve())
+    write_tokenizer(folder, **tokenizer)  # type: ignore[arg-type]
+    return folder
 
 
 def write_tiny_fudoki_checkpoint(
@@ -299,11 +348,21 @@ def write_tiny_fudoki_checkpoint(
     weights: str = "safetensors",
     seed: int = 0,
     state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    t: dict = TINY,
+    uncond_token_id: int | str | None = "pad",
+    **tokenizer: object,
 ) -> Path:
-    """Write a tiny FUDOKI checkpoint (config, original keys, tokenizer, path embeddings)."""
+    """Write a tiny FUDOKI checkpoint (config, original keys, tokenizer, path embeddings).
+
+    ``t``: the architecture (:data:`TINY_REAL_VOCAB` for FUDOKI's 102400 text tokens).
+    ``uncond_token_id``: written into ``config.json`` (not in FUDOKI's published config) because the
+    tiny vocabulary has no id 100015: ``"pad"`` (default) the tokenizer's pad id, an int, or
+    ``None`` to leave the config as FUDOKI publishes it. ``tokenizer``: :func:`write_tokenizer`'s options.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    sd = original_state_dict(seed) if state_dict is None else state_dict
+    sd = original_state_dict(seed, t) if state_dict is None else state_dict
     if weights == "safetensors":
         from safetensors.torch import save_file
 
@@ -312,8 +371,13 @@ def write_tiny_fudoki_checkpoint(
         torch.save(sd, folder / "pytorch_model.bin")
     else:
         raise ValueError(weights)
-    _dump(folder / "config.json", fudoki_config())
-    write_tokenizer(folder)
+    ids = write_tokenizer(folder, **tokenizer)  # type: ignore[arg-type]
+    config = fudoki_config(t)
+    if uncond_token_id == "pad":
+        uncond_token_id = ids[PAD]
+    if uncond_token_id is not None:
+        config["uncond_token_id"] = uncond_token_id
+    _dump(folder / "config.json", config)
     _dump(
         folder / "preprocessor_config.json",
         {
@@ -322,7 +386,7 @@ def write_tiny_fudoki_checkpoint(
             "image_mean": [0.5, 0.5, 0.5],
             "image_std": [0.5, 0.5, 0.5],
             "image_processor_type": "VLMImageProcessor",
-            "image_size": TINY["image_size"],
+            "image_size": t["image_size"],
             "min_size": 14,
             "processor_class": "VLChatProcessor",
             "rescale_factor": 1 / 255,
@@ -342,10 +406,10 @@ def write_tiny_fudoki_checkpoint(
     )
     # FUDOKI pickles whole nn.Embedding modules.
     g = torch.Generator().manual_seed(seed + 1)
-    text = nn.Embedding(TINY["text_vocab"], 16)
-    text.weight.data = torch.randn(TINY["text_vocab"], 16, generator=g)
-    image = nn.Embedding(TINY["codebook"], TINY["code_dim"])
-    image.weight.data = torch.randn(TINY["codebook"], TINY["code_dim"], generator=g)
+    text = nn.Embedding(t["text_vocab"], 16)
+    text.weight.data = torch.randn(t["text_vocab"], 16, generator=g)
+    image = nn.Embedding(t["codebook"], t["code_dim"])
+    image.weight.data = torch.randn(t["codebook"], t["code_dim"], generator=g)
     torch.save(text, folder / "text_embedding.pt")
     torch.save(image, folder / "image_embedding.pt")
     return folder

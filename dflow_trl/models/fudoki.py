@@ -41,14 +41,17 @@ from .fudoki_checkpoint import (
     load_path_embedding,
     load_tokenizer,
     read_config,
+    record_special_token_flags,
 )
 from .fudoki_layout import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_SYSTEM_PROMPT,
+    FUDOKI_UNCOND_TOKEN_ID,
     IMAGE_COLUMN,
     FudokiTokens,
     build_t2i_inputs,
     build_understanding_inputs,
+    check_tokenizer,
     load_images,
 )
 
@@ -82,14 +85,16 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
     """FUDOKI as a discrete flow model for ``DFlowGRPOTrainer``.
 
     Load with :meth:`from_pretrained` from a folder in FUDOKI's published layout (or one this class
-    saved in transformers' layout). ``task`` picks the canvas: ``"t2i"`` (image canvas,
+    saved in transformers' layout), or build it in memory and give it its tokenizer and path
+    matrices with :meth:`attach`. ``task`` picks the canvas: ``"t2i"`` (image canvas,
     ``canvas_kind == "image"``) or ``"understanding"`` (answer canvas, ``canvas_kind == "text"``).
 
     Layout settings (attributes, also ``from_pretrained`` keywords): ``max_length`` (FUDOKI's
     ``txt_max_length + 576`` = 1076), ``answer_length`` (fixed answer canvas ``D``; default
     ``max_length −`` longest prompt), ``system_prompt`` (understanding), ``uncond_token_id`` (CFG;
-    default the tokenizer's pad token, FUDOKI's 100015), ``pad_to`` (``"longest"`` or
-    ``"max_length"`` for text-to-image rows; padding never changes the logits).
+    FUDOKI's literal 100015 unless the checkpoint's config names another, never the tokenizer's
+    pad), ``pad_to`` (``"longest"`` or ``"max_length"`` for text-to-image rows; padding never
+    changes the logits).
     """
 
     lora_target_modules = LORA_TARGET_MODULES
@@ -106,9 +111,51 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         self.max_length = DEFAULT_MAX_LENGTH
         self.answer_length: int | None = None
         self.system_prompt = DEFAULT_SYSTEM_PROMPT
-        self.uncond_token_id: int | None = None
         self.pad_to: Literal["longest", "max_length"] = "longest"
         self._paths: dict[str, ProbabilityPath] = {}
+        self._checked_tokenizer: Any = None
+
+    # ---- the unconditional (CFG) token ---------------------------------------------------------
+    @property
+    def uncond_token_id(self) -> int:
+        """The id written over the prompt for classifier-free guidance: FUDOKI's literal 100015
+        (``fudoki/eval_loop.py``), unless this checkpoint's config names another (``uncond_token_id``
+        in FUDOKI's ``config.json``, or set here / by :meth:`from_pretrained` / :meth:`attach`; it
+        is saved with the config). Never taken from the tokenizer."""
+        given = getattr(self.config, "uncond_token_id", None)
+        return FUDOKI_UNCOND_TOKEN_ID if given is None else int(given)
+
+    @uncond_token_id.setter
+    def uncond_token_id(self, value: int | None) -> None:
+        self.config.uncond_token_id = None if value is None else self._valid_uncond(value)
+        self._checked_tokenizer = None  # the tokenizer check depends on it
+
+    @property
+    def _uncond_is_fudokis(self) -> bool:
+        return getattr(self.config, "uncond_token_id", None) is None
+
+    def _valid_uncond(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"uncond_token_id must be an int token id, got {value!r}")
+        v = int(self.config.text_config.vocab_size)
+        if not 0 <= value < v:
+            default = " (FUDOKI's literal id)" if value == FUDOKI_UNCOND_TOKEN_ID else ""
+            raise ValueError(
+                f"the unconditional (CFG) token id {value}{default} is outside the language model's "
+                f"vocabulary of {v} tokens. For a checkpoint whose unconditional token is another id, "
+                "give it: FudokiForFlow.from_pretrained(..., uncond_token_id=ID), "
+                '.attach(..., uncond_token_id=ID) or "uncond_token_id": ID in config.json'
+            )
+        return value
+
+    def _check_tokenizer(self, tokenizer: Any, uncond: int, uncond_is_fudokis: bool) -> None:
+        check_tokenizer(
+            tokenizer,
+            text_vocab_size=int(self.config.text_config.vocab_size),
+            image_token_id=getattr(self.config, "image_token_id", None),
+            uncond_token_id=uncond,
+            uncond_is_fudokis=uncond_is_fudokis,
+        )
 
     # ---- task ----------------------------------------------------------------------------------
     @property
@@ -147,7 +194,10 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         ``text_embedding.pt``/``image_embedding.pt``) or the transformers layout written by
         :meth:`save_pretrained`. Other keywords (``dtype``, ``attn_implementation``,
         ``quantization_config``, ``device_map`` …) go to transformers' ``from_pretrained``.
-        Any weight that does not find its place, or any module left without weights, is an error.
+        Any weight that does not find its place, or any module left without weights, is an error,
+        and so is a tokenizer that cannot give FUDOKI's token ids (see :meth:`attach`).
+        ``uncond_token_id`` overrides the CFG token (FUDOKI's 100015, or the config's
+        ``uncond_token_id``).
         """
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -180,27 +230,107 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
                 f"{FUDOKI_MODEL_TYPE!r} or a transformers 'janus' checkpoint saved by FudokiForFlow"
             )
         _raise_on_bad_keys(folder, unknown, info)
-        model._attach(tokenizer, embeddings, folder)
+        model.attach(
+            tokenizer,
+            image_embeddings=embeddings.get("image"),
+            text_embeddings=embeddings.get("text"),
+            image_processor=load_image_processor(folder, int(model.config.vision_config.image_size)),
+            uncond_token_id=uncond_token_id,
+        )
         model.set_task(task)
         model.max_length, model.answer_length = int(max_length), answer_length
-        model.system_prompt, model.uncond_token_id = system_prompt, uncond_token_id
+        model.system_prompt = system_prompt
         return (model, info) if want_info else model
 
-    def _attach(self, tokenizer: Any, embeddings: dict[str, torch.Tensor], folder: Path) -> None:
-        expected = {
-            "image": int(self.config.vq_config.num_embeddings),
-            "text": int(self.config.text_config.vocab_size),
+    def attach(
+        self,
+        tokenizer: Any,
+        image_embeddings: torch.Tensor | torch.nn.Embedding | None = None,
+        text_embeddings: torch.Tensor | torch.nn.Embedding | None = None,
+        *,
+        image_processor: Any = None,
+        uncond_token_id: int | None = None,
+    ) -> FudokiForFlow:
+        """Give a model built in memory what :meth:`from_pretrained` reads beside the weights;
+        returns ``self``.
+
+        * ``tokenizer``: FUDOKI's tokenizer (e.g. ``fudoki_checkpoint.load_tokenizer(folder)``), or
+          ``None`` to pass one as ``processing_class`` at every call instead. It must hold FUDOKI's
+          image tokens (``<image_placeholder>`` at ``config.image_token_id``), ids inside the text
+          vocabulary, start encodings with BOS and, unless ``uncond_token_id`` is given, have
+          FUDOKI's pad token at id 100015.
+        * ``image_embeddings`` / ``text_embeddings``: the ``(V, E)`` matrices of
+          ``image_embedding.pt`` / ``text_embedding.pt`` (a tensor or an ``nn.Embedding``) that define
+          the image / text probability paths; V must be the VQ codebook size / the text vocabulary.
+          They are kept as float32 CPU copies. A kind not given keeps the matrix it had.
+        * ``image_processor``: for understanding images; default FUDOKI's preprocessing at the vision
+          tower's size (kept if one is already attached).
+        * ``uncond_token_id``: the CFG token if this checkpoint's is not FUDOKI's 100015 (stored in
+          ``config``).
+
+        Every input is checked before anything changes; a bad one raises ``ValueError`` or
+        ``TypeError`` saying what differs.
+        """
+        explicit = uncond_token_id is not None
+        uncond = self._valid_uncond(uncond_token_id) if explicit else self._valid_uncond(self.uncond_token_id)
+        fudokis = self._uncond_is_fudokis and not explicit
+        new = {
+            kind: self._valid_path_embedding(kind, emb)
+            for kind, emb in (("image", image_embeddings), ("text", text_embeddings))
+            if emb is not None
         }
-        for kind, emb in embeddings.items():
-            if emb.shape[0] != expected[kind]:
-                raise FudokiCheckpointError(
-                    f"{PATH_EMBEDDING_FILES[kind]} has {emb.shape[0]} rows but the {kind} head predicts "
-                    f"{expected[kind]} classes; the path and the posterior must share one vocabulary"
-                )
-        self.path_embeddings = dict(embeddings)
-        self._paths = {}
-        self.tokenizer = tokenizer
-        self.image_processor = load_image_processor(folder, int(self.config.vision_config.image_size))
+        if tokenizer is not None:
+            self._check_tokenizer(tokenizer, uncond, fudokis)
+        if image_processor is not None and not callable(image_processor):
+            raise TypeError(
+                f"image_processor must be an image processor, got {type(image_processor).__name__}"
+            )
+        if image_processor is None:
+            image_processor = self.image_processor or load_image_processor(
+                None, int(self.config.vision_config.image_size)
+            )
+        # Everything checked: now change the model.
+        if explicit:
+            self.config.uncond_token_id = uncond
+        self.path_embeddings = {**self.path_embeddings, **new}
+        for kind in new:
+            self._paths.pop(kind, None)
+        self.tokenizer = self._checked_tokenizer = tokenizer
+        self.image_processor = image_processor
+        return self
+
+    def _valid_path_embedding(self, kind: str, emb: Any) -> torch.Tensor:
+        name = PATH_EMBEDDING_FILES[kind]
+        if isinstance(emb, torch.nn.Embedding):
+            emb = emb.weight
+        if not torch.is_tensor(emb):
+            raise TypeError(
+                f"{kind}_embeddings ({name}) must be a tensor or an nn.Embedding, got {type(emb).__name__}"
+            )
+        if emb.ndim != 2 or not emb.is_floating_point():
+            raise ValueError(
+                f"{kind}_embeddings ({name}) must be a (V, E) floating matrix, got {emb.dtype} of shape "
+                f"{tuple(emb.shape)}"
+            )
+        expected = {
+            "image": (int(self.config.vq_config.num_embeddings), "the VQ codebook has"),
+            "text": (int(self.config.text_config.vocab_size), "the text vocabulary has"),
+        }[kind]
+        if emb.shape[0] != expected[0]:
+            raise ValueError(
+                f"{kind}_embeddings ({name}) has {emb.shape[0]} rows but {expected[1]} {expected[0]} "
+                f"tokens; the path and the {kind} head must share one vocabulary"
+            )
+        emb = emb.detach().float().cpu().contiguous()
+        if not bool(torch.isfinite(emb).all()):
+            raise ValueError(f"{kind}_embeddings ({name}) holds non-finite values")
+        zero = (emb.norm(dim=1) == 0).nonzero().flatten()
+        if zero.numel():
+            raise ValueError(
+                f"{kind}_embeddings ({name}) rows {zero[:5].tolist()} are zero; "
+                "the metric path normalises rows"
+            )
+        return emb
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save in transformers' Janus layout (loadable by ``JanusForConditionalGeneration``), plus
@@ -218,6 +348,7 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
             )
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
+            record_special_token_flags(self.tokenizer, folder)
         if self.image_processor is not None:
             self.image_processor.save_pretrained(str(folder))
 
@@ -245,7 +376,9 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         if kind not in self._paths:
             if kind not in self.path_embeddings:
                 raise ValueError(
-                    f"no {PATH_EMBEDDING_FILES[kind]} was loaded; FudokiForFlow.from_pretrained reads it from the checkpoint"
+                    f"no {PATH_EMBEDDING_FILES[kind]} was loaded; FudokiForFlow.from_pretrained reads it "
+                    f"from the checkpoint, FudokiForFlow.attach({kind}_embeddings=...) gives it to a model "
+                    "built in memory"
                 )
             self._paths[kind] = MetricInducedPath(self.path_embeddings[kind], c=PATH_C, a=PATH_A)
         return self._paths[kind].to(self.device)
@@ -372,8 +505,14 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
             tokenizer, image_processor = processing_class, self.image_processor
         if tokenizer is None:
             raise ValueError(
-                "no tokenizer: pass processing_class or load the model with FudokiForFlow.from_pretrained"
+                "no tokenizer: pass processing_class, load the model with FudokiForFlow.from_pretrained "
+                "or give it one with FudokiForFlow.attach"
             )
+        if tokenizer is not self._checked_tokenizer:
+            self._check_tokenizer(
+                tokenizer, self._valid_uncond(self.uncond_token_id), self._uncond_is_fudokis
+            )
+            self._checked_tokenizer = tokenizer
         return tokenizer, image_processor
 
     def _understanding_pixels(

@@ -15,6 +15,7 @@ unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -239,13 +240,23 @@ def janus_config_from_fudoki(cfg: dict[str, Any], token_ids: dict[str, int | Non
 
     image_id = token_ids.get("image")
     _expect(image_id is not None, f"the tokenizer has no {IMAGE_TAG} token")
-    return JanusConfig(
+    config = JanusConfig(
         text_config=text_config,
         vision_config=vision_config,
         vq_config=vq_config,
         image_token_id=int(image_id),
         tie_word_embeddings=False,
     )
+    # Not in FUDOKI's published config: a checkpoint whose unconditional (CFG) token is not FUDOKI's
+    # literal 100015 names it here (FudokiForFlow.uncond_token_id reads it from the Janus config).
+    uncond = cfg.get("uncond_token_id")
+    if uncond is not None:
+        _expect(
+            isinstance(uncond, int) and not isinstance(uncond, bool) and uncond >= 0,
+            f"uncond_token_id must be a non-negative integer token id, got {uncond!r}",
+        )
+        config.uncond_token_id = int(uncond)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +453,17 @@ def load_path_embedding(path: str | Path) -> torch.Tensor:
 # tokenizer and image processor
 # ---------------------------------------------------------------------------------------------
 def load_tokenizer(folder: str | Path) -> Any:
-    """The checkpoint's tokenizer, with Janus' image tokens registered as named special tokens."""
+    """The checkpoint's tokenizer, producing the token ids FUDOKI's own code produces.
+
+    Janus' image tokens are registered as named special tokens, and special tokens are added as
+    FUDOKI's tokenizer adds them: ``VLChatProcessor`` loads ``LlamaTokenizerFast``
+    (``fudoki/janus/models/processing_vlm.py``: ``tokenizer_class = ("LlamaTokenizer",
+    "LlamaTokenizerFast")``), whose constructor (transformers 4.42.4, FUDOKI's pin) *replaces*
+    ``tokenizer.json``'s post-processor with ``<bos> $A`` (``add_bos_token``, default true) and an
+    optional trailing ``<eos>`` (``add_eos_token``, default false) from ``tokenizer_config.json``.
+    transformers' generic fast tokenizer keeps the file's post-processor instead, so a
+    ``tokenizer.json`` without one would lose the BOS that FUDOKI's prompts start with.
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     folder = Path(folder)
@@ -454,12 +475,85 @@ def load_tokenizer(folder: str | Path) -> Any:
     absent = [t for t in (IMAGE_TAG, BOI_TAG, EOI_TAG) if t not in vocab]
     if absent:
         raise FudokiCheckpointError(f"the tokenizer in {folder} lacks FUDOKI's special tokens {absent}")
+    add_bos, add_eos = _special_token_flags(folder)
+    set_llama_special_tokens(tok, add_bos, add_eos, where=str(folder))
     return tok
 
 
-def load_image_processor(folder: str | Path, image_size: int) -> Any:
+def _special_token_flags(folder: Path) -> tuple[bool, bool]:
+    """``add_bos_token`` / ``add_eos_token`` of ``tokenizer_config.json``, with LlamaTokenizerFast's
+    defaults (true / false) when absent."""
+    path = folder / "tokenizer_config.json"
+    settings: dict[str, Any] = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    flags = []
+    for key, default in (("add_bos_token", True), ("add_eos_token", False)):
+        value = settings.get(key, default)
+        if not isinstance(value, bool):
+            raise FudokiCheckpointError(f"{path}: {key} must be true or false, got {value!r}")
+        flags.append(value)
+    return flags[0], flags[1]
+
+
+def set_llama_special_tokens(tok: Any, add_bos: bool, add_eos: bool, where: str = "the tokenizer") -> None:
+    """Give a fast tokenizer LlamaTokenizerFast's post-processor: ``[<bos>] $A [<eos>]``."""
+    from tokenizers import processors
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise FudokiCheckpointError(
+            f"{where}: FUDOKI's tokenizer is a fast (tokenizer.json) tokenizer; got {type(tok).__name__}"
+        )
+    bos, eos = tok.bos_token, tok.eos_token
+    for wanted, token, name in ((add_bos, bos, "bos"), (add_eos, eos, "eos")):
+        if wanted and token is None:
+            raise FudokiCheckpointError(
+                f"{where}: add_{name}_token is set but the tokenizer defines no {name}_token; "
+                f"set {name}_token in tokenizer_config.json"
+            )
+    head = f"{bos}:0 " if add_bos else ""
+    tail = f" {eos}:0" if add_eos else ""
+    head_b = f" {bos}:1" if add_bos else ""
+    tail_b = f" {eos}:1" if add_eos else ""
+    special = ([(str(bos), tok.bos_token_id)] if add_bos else []) + (
+        [(str(eos), tok.eos_token_id)] if add_eos else []
+    )
+    # transformers' own flags too, so that it rebuilds the same template if it ever rebuilds it.
+    for name, value in (("add_bos_token", add_bos), ("add_eos_token", add_eos)):
+        with contextlib.suppress(AttributeError):
+            setattr(tok, name, value)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{head}$A:0{tail}", pair=f"{head}$A:0{tail}{head_b} $B:1{tail_b}", special_tokens=special
+    )
+
+
+def record_special_token_flags(tok: Any, folder: str | Path) -> None:
+    """Write into ``folder/tokenizer_config.json`` whether ``tok`` adds BOS / EOS, so that
+    :func:`load_tokenizer` rebuilds the same post-processor (transformers drops these keys on save)."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    with_special = list(tok("a", add_special_tokens=True)["input_ids"])
+    plain = list(tok("a", add_special_tokens=False)["input_ids"])
+    add_bos = tok.bos_token_id is not None and with_special[:1] == [tok.bos_token_id]
+    add_eos = (
+        tok.eos_token_id is not None
+        and with_special[-1:] == [tok.eos_token_id]
+        and len(with_special) > len(plain) + int(add_bos)
+    )
+    with open(path, encoding="utf-8") as f:
+        settings = json.load(f)
+    settings.update(add_bos_token=add_bos, add_eos_token=add_eos)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(settings, f, ensure_ascii=False, indent=2)
+
+
+def load_image_processor(folder: str | Path | None, image_size: int) -> Any:
     """transformers' Janus image processor set up as FUDOKI preprocesses understanding images:
-    longest side resized to ``image_size`` (bilinear), grey (127) padding to a square, mean = std = 0.5."""
+    longest side resized to ``image_size`` (bilinear), grey (127) padding to a square, mean = std = 0.5.
+    ``folder`` may hold a ``preprocessor_config.json`` overriding the normalisation; ``None``: defaults."""
     from transformers.image_utils import PILImageResampling
 
     try:
@@ -469,8 +563,8 @@ def load_image_processor(folder: str | Path, image_size: int) -> Any:
         from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil as Processor
 
     pre: dict[str, Any] = {}
-    path = Path(folder) / "preprocessor_config.json"
-    if path.is_file():
+    path = None if folder is None else Path(folder) / "preprocessor_config.json"
+    if path is not None and path.is_file():
         with open(path, encoding="utf-8") as f:
             pre = json.load(f)
     kwargs = {

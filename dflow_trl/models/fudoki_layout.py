@@ -9,7 +9,7 @@ Text-to-image::
     <bos> User: {prompt}\\n\\nAssistant: <begin_of_image> [N image slots = canvas] <end_of_image> <pad>…
 
 Classifier-free guidance replaces the prompt span (after ``<bos>`` up to ``<begin_of_image>``) with
-the unconditional token. Understanding::
+the unconditional token, FUDOKI's literal id 100015 (:data:`FUDOKI_UNCOND_TOKEN_ID`). Understanding::
 
     <bos> {system}\\n\\nUser: <begin_of_image> [N slots ← SigLIP features] <end_of_image>{question}\\n\\nAssistant: [answer canvas]
 
@@ -43,6 +43,25 @@ IMAGE_COLUMN = "input_image"
 
 PadTo = Literal["longest", "max_length"]
 
+# FUDOKI's unconditional (CFG) token. Its code writes this literal id over the prompt span and never
+# asks the tokenizer: ``CFGScaledModel.forward(..., uncond_id=100015)`` (``fudoki/eval_loop.py``) when
+# sampling, ``MultiModalityCausalLM.token_drop(..., uncond_id=100015)``
+# (``fudoki/janus/models/modeling_vlm.py``) in training, so the weights learned embedding row 100015
+# as "no prompt", whatever a tokenizer calls it.
+FUDOKI_UNCOND_TOKEN_ID = 100015
+# The token at that id in the Janus (DeepSeek-LLM) tokenizer FUDOKI builds on: the pad token. FUDOKI's
+# code never names it; Janus-1.3B's special_tokens_map.json sets pad_token "<｜▁pad▁｜>", and the
+# generation config of its converted copies has pad_token_id 100015 (not checked against the files of
+# LucasJinWang/FUDOKI itself). A tokenizer with anything else there is not the vocabulary the weights
+# were trained with.
+FUDOKI_UNCOND_TOKEN = "<｜▁pad▁｜>"
+# Padding is a different matter. FUDOKI pads with ``VLChatProcessor.pad_id`` = the tokenizer's
+# pad_token_id, or its eos_token_id when it has no pad token (``fudoki/janus/models/processing_vlm.py``),
+# not with 100015. Those ids never reach the model: text-to-image padding lies outside
+# attention_mask (excluded as keys) and understanding padding is the answer canvas, overwritten by
+# x_0 noise before the first forward (``inference_t2i_local.py``, ``inference_i2t_local.py``). So a pad
+# id other than 100015 is no error: the layouts pad by FUDOKI's rule and keep the CFG id apart.
+
 
 @dataclass(frozen=True)
 class FudokiTokens:
@@ -57,8 +76,11 @@ class FudokiTokens:
     uncond: int | None
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any, uncond: int | None = None) -> FudokiTokens:
+    def from_tokenizer(cls, tokenizer: Any, uncond: int | None = FUDOKI_UNCOND_TOKEN_ID) -> FudokiTokens:
+        """Ids from ``tokenizer``; ``uncond`` is the CFG token (FUDOKI's literal id, never the
+        tokenizer's pad; ``None``: no unconditional input)."""
         vocab = tokenizer.get_vocab()
+        # FUDOKI's VLChatProcessor.pad_id: the pad token, else eos (see the note above the class).
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError(
@@ -71,9 +93,74 @@ class FudokiTokens:
             image=vocab[IMAGE_TAG],
             boi=vocab[BOI_TAG],
             eoi=vocab[EOI_TAG],
-            # FUDOKI's CFG token is 100015, which is the pad token of its tokenizer.
-            uncond=int(pad) if uncond is None else int(uncond),
+            uncond=None if uncond is None else int(uncond),
         )
+
+
+def check_tokenizer(
+    tokenizer: Any,
+    *,
+    text_vocab_size: int,
+    image_token_id: int | None,
+    uncond_token_id: int,
+    uncond_is_fudokis: bool,
+) -> None:
+    """Raise ``ValueError`` (what differs, what to do) if ``tokenizer`` cannot give a FUDOKI model
+    the ids FUDOKI's code gives it.
+
+    Checks FUDOKI's image tokens (``<image_placeholder>`` at the model's ``image_token_id``), that
+    every id fits the language model's embedding, that prompts start with BOS (FUDOKI's
+    LlamaTokenizerFast adds it and its layouts count on it: the CFG span starts at position 1), and,
+    when the CFG id is FUDOKI's own 100015 (``uncond_is_fudokis``), that the tokenizer has FUDOKI's
+    pad token there. An id given explicitly is trusted.
+    """
+    if not callable(tokenizer) or not all(
+        callable(getattr(tokenizer, attr, None)) for attr in ("get_vocab", "convert_ids_to_tokens")
+    ):
+        raise TypeError(
+            f"a FUDOKI tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+        )
+    vocab = tokenizer.get_vocab()
+    absent = [t for t in (IMAGE_TAG, BOI_TAG, EOI_TAG) if t not in vocab]
+    if absent:
+        raise ValueError(
+            f"the tokenizer lacks FUDOKI's special tokens {absent}; use the checkpoint's tokenizer "
+            "(dflow_trl.models.fudoki_checkpoint.load_tokenizer(folder))"
+        )
+    if image_token_id is not None and vocab[IMAGE_TAG] != image_token_id:
+        raise ValueError(
+            f"the tokenizer has {IMAGE_TAG} at id {vocab[IMAGE_TAG]} but the model's config.image_token_id "
+            f"is {image_token_id}; the tokenizer and the model come from different checkpoints"
+        )
+    top = max(vocab.values())
+    if top >= text_vocab_size:
+        raise ValueError(
+            f"the tokenizer has ids up to {top} but the language model embeds {text_vocab_size} tokens; "
+            "the tokenizer and the model come from different checkpoints"
+        )
+    bos = tokenizer.bos_token_id
+    probe = list(tokenizer("a", add_special_tokens=True)["input_ids"])
+    if bos is None or probe[:1] != [bos]:
+        raise ValueError(
+            f"the tokenizer does not start its encodings with a BOS token (it encodes 'a' as {probe}, "
+            f"bos_token_id {bos}); FUDOKI's LlamaTokenizerFast adds BOS (add_bos_token) and its layouts "
+            "start with it. Load the tokenizer with "
+            "dflow_trl.models.fudoki_checkpoint.load_tokenizer(folder), which adds BOS as FUDOKI's "
+            "does even when tokenizer.json has no post-processor"
+        )
+    if uncond_is_fudokis:
+        found = tokenizer.convert_ids_to_tokens(uncond_token_id)
+        if found != FUDOKI_UNCOND_TOKEN:
+            has = "has no token" if found is None else f"has {found!r}"
+            raise ValueError(
+                f"the tokenizer {has} at id {uncond_token_id}, where FUDOKI's tokenizer has its pad "
+                f"token {FUDOKI_UNCOND_TOKEN!r}: FUDOKI writes the literal id {uncond_token_id} over the "
+                "prompt for classifier-free guidance (and trained with it as the 'no prompt' token), so this "
+                "tokenizer's ids are not the ones the weights were trained with. Use the checkpoint's own "
+                "tokenizer; if this checkpoint's unconditional token really is another id, give it: "
+                "FudokiForFlow.from_pretrained(..., uncond_token_id=ID), .attach(..., uncond_token_id=ID) "
+                'or "uncond_token_id": ID in config.json'
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,8 +255,12 @@ def build_t2i_inputs(
         ids = _encode(tokenizer, format_fudoki_prompt(prompt, system_prompt="") + BOI_TAG)
         if ids[-1] != tokens.boi:
             raise ValueError(f"tokenizing the prompt did not end in {BOI_TAG}; is the tokenizer FUDOKI's?")
-        start = 1 if tokens.bos is not None and ids[0] == tokens.bos else 0
-        spans.append((start, len(ids) - 1))
+        if tokens.bos is None or ids[0] != tokens.bos:
+            raise ValueError(
+                "FUDOKI's prompts start with BOS; the tokenizer did not add it (see load_tokenizer)"
+            )
+        # FUDOKI's text_token_mask, the CFG span: [1, end of "Assistant:"], i.e. up to <begin_of_image>.
+        spans.append((1, len(ids) - 1))
         canvas_at.append(len(ids))
         row = ids + [0] * num_image_tokens + [tokens.eoi]
         if len(row) >= max_length:  # FUDOKI's own bound
