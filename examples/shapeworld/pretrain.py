@@ -5,15 +5,18 @@ both: text-to-image (prompt → 16×16 palette canvas on the metric-induced path
 colours) and understanding (scene tokens + question → answer canvas on the masked path). Training
 is discrete flow matching: ``t ~ U[0, 1)`` per sample, ``x_t ~ p_t(· | x1)`` from the model's own
 paths, and the cross-entropy of the posterior logits against ``x1`` on the canvas. Every step
-holds a text-to-image batch (scenes rendered on the fly from TRAIN prompts, 10% of prompts
+holds a text-to-image batch (captions from every prompt of both splits, a ``--caption-noise``
+fraction describing their image wrongly, see ``dflow_trl.tasks.shapeworld.corpus``; 10% of prompts
 dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch (TRAIN questions).
 ``t = u^power`` with ``u ~ U[0, 1)`` (``--t-power``, 1 = uniform).
 
-The shipped asset was made with (torch 2.13, 2 CPU cores)::
+The shipped asset was made with the defaults (torch 2.13)::
 
-    python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets --steps 3600 --t-power 2
+    python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets --steps 2400 --threads 1
 
-Measured: 29.0 minutes of wall time for 3600 steps on an otherwise idle 2-core CPU.
+Measured: 53.0 minutes of wall time for 2400 steps on one thread of a 2-core CPU (the other core
+was busy with other work). The defaults are the shipped recipe: ``ordered`` prompt pooling,
+caption noise 0.4, ``--t-power 2``, categories weighted ``(#prompts)^0.25``.
 ``training_log.json`` beside the weights holds the loss curve and arguments. The metric path uses
 FUDOKI's schedule (c = 3, a = 0.9) over centred-RGB palette embeddings (see
 ``dflow_trl/tasks/shapeworld/palette.py``). Text-to-image scenes are canonical (``place_scene(...,
