@@ -67,12 +67,21 @@ def test_positional_pooling_reads_word_order():
     torch.testing.assert_close(both[1:], _pooled(model, ["red"], zeros))
 
 
+def _trained(model: DFMTransformer) -> DFMTransformer:
+    """Give an order-aware route's zero-initialised output layers weights, as training would:
+    at zero init both routes are the mean pool."""
+    if model.condition_encoder is not None:
+        for weight in (model.condition_encoder.self_attn.o_proj.weight, model.condition_encoder.mlp.down_proj.weight):
+            torch.nn.init.normal_(weight, std=0.2)
+    if model.condition_order is not None:
+        torch.nn.init.normal_(model.condition_order["mix"][-1].weight, std=0.2)
+    return model
+
+
+@pytest.mark.parametrize("pooling", ["encoder", "ordered"])
 @pytest.mark.parametrize("task", ["t2i", "understanding"])
-def test_encoder_pooling_reads_word_order_and_only_the_prompt(task):
-    model = tiny_model("uniform", task=task, condition_pooling="encoder").eval()
-    enc = model.condition_encoder
-    for weight in (enc.self_attn.o_proj.weight, enc.mlp.down_proj.weight):
-        torch.nn.init.normal_(weight, std=0.2)  # a trained encoder: its zero init is the identity
+def test_order_aware_pooling_reads_word_order_and_only_the_prompt(task, pooling, tmp_path):
+    model = _trained(tiny_model("uniform", task=task, condition_pooling=pooling).eval())
     d = model.canvas_length
     col = model.config.image_column
     img = {col: [[1] * model.config.image_canvas_length]} if task == "understanding" else {}
@@ -80,59 +89,31 @@ def test_encoder_pooling_reads_word_order_and_only_the_prompt(task):
     zeros = torch.zeros(1, d, dtype=torch.long)
     red = _pooled(model, ["a red square"], zeros, **img)
     assert not torch.allclose(red, _pooled(model, ["a square red"], zeros, **img), atol=1e-4)
+    # Neither the canvas nor the condition image is read.
     torch.testing.assert_close(red, _pooled(model, ["a red square"], torch.ones_like(zeros), **other))
-    # The encoder sees only the prompt, with relative positions: padding beside a longer prompt
-    # changes nothing, and an empty prompt gives a finite (all-zero-weight) pool.
+    # Each row's padding is its own: padding beside a longer prompt changes nothing, and an
+    # empty prompt gives a finite (all-zero-weight) pool.
     pair = {k: v * 2 for k, v in img.items()}
     both = _pooled(model, ["a red square", "red"], torch.zeros(2, d, dtype=torch.long), **pair)
     torch.testing.assert_close(both[:1], red)
     torch.testing.assert_close(both[1:], _pooled(model, ["red"], zeros, **img))
     assert torch.isfinite(_pooled(model, [""], zeros, **img)).all()
-
-
-def test_encoder_pooling_starts_as_mean_pooling():
-    torch.manual_seed(0)
-    enc = tiny_model("uniform", condition_pooling="encoder").eval()
-    torch.manual_seed(0)
-    mean = tiny_model("uniform", condition_pooling="mean").eval()
-    mean.load_state_dict(enc.state_dict(), strict=False)
-    zeros = torch.zeros(1, enc.canvas_length, dtype=torch.long)
-    for prompt in ("a red square", "a square red"):
-        torch.testing.assert_close(_pooled(enc, [prompt], zeros), _pooled(mean, [prompt], zeros))
-
-
-@pytest.mark.parametrize("task", ["t2i", "understanding"])
-def test_ordered_pooling_reads_word_order_and_only_the_prompt(task, tmp_path):
-    model = tiny_model("uniform", task=task, condition_pooling="ordered").eval()
-    torch.nn.init.normal_(model.condition_order["mix"][-1].weight, std=0.2)  # trained: zero init is the mean
-    d = model.canvas_length
-    col = model.config.image_column
-    img = {col: [[1] * model.config.image_canvas_length]} if task == "understanding" else {}
-    other = {col: [[0] * model.config.image_canvas_length]} if task == "understanding" else {}
-    zeros = torch.zeros(1, d, dtype=torch.long)
-    red = _pooled(model, ["a red square"], zeros, **img)
-    assert not torch.allclose(red, _pooled(model, ["a square red"], zeros, **img), atol=1e-4)
-    # Neither the canvas nor the condition image is read; each row's padding is its own.
-    torch.testing.assert_close(red, _pooled(model, ["a red square"], torch.ones_like(zeros), **other))
-    pair = {k: v * 2 for k, v in img.items()}
-    both = _pooled(model, ["a red square", "red"], torch.zeros(2, d, dtype=torch.long), **pair)
-    torch.testing.assert_close(both[:1], red)
-    torch.testing.assert_close(both[1:], _pooled(model, ["red"], zeros, **img))
     model.save_pretrained(tmp_path)
     loaded = DFMTransformer.from_pretrained(tmp_path).eval()
-    assert loaded.config.condition_pooling == "ordered"
+    assert loaded.config.condition_pooling == pooling
     torch.testing.assert_close(_pooled(loaded, ["a red square"], zeros, **img), red)
 
 
-def test_ordered_pooling_starts_as_mean_pooling():
+@pytest.mark.parametrize("pooling", ["encoder", "ordered"])
+def test_order_aware_pooling_starts_as_mean_pooling(pooling):
     torch.manual_seed(0)
-    ordered = tiny_model("uniform", condition_pooling="ordered").eval()
+    aware = tiny_model("uniform", condition_pooling=pooling).eval()
     torch.manual_seed(0)
     mean = tiny_model("uniform", condition_pooling="mean").eval()
-    mean.load_state_dict(ordered.state_dict(), strict=False)
-    zeros = torch.zeros(1, ordered.canvas_length, dtype=torch.long)
+    mean.load_state_dict(aware.state_dict(), strict=False)
+    zeros = torch.zeros(1, aware.canvas_length, dtype=torch.long)
     for prompt in ("a red square", "a square red"):
-        torch.testing.assert_close(_pooled(ordered, [prompt], zeros), _pooled(mean, [prompt], zeros))
+        torch.testing.assert_close(_pooled(aware, [prompt], zeros), _pooled(mean, [prompt], zeros))
 
 
 def test_pooling_values_are_checked_and_true_means_mean(tmp_path):
