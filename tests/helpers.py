@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import torch
 
@@ -57,3 +59,10 @@ def random_posterior(shape: tuple[int, ...], vocab: int, seed: int, temperature:
     if block is not None:
         logits[..., block] = -math.inf
     return torch.softmax(logits, -1)
+
+
+def assert_fresh_python_prints_ok(code: str, timeout: float = 300) -> None:
+    """Run ``code`` in a fresh interpreter (nothing imported yet) and require it to print ``ok``."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

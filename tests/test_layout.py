@@ -8,11 +8,11 @@ rewards reach the core's registry through the ``dflow_trl.rewards`` entry points
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .helpers import assert_fresh_python_prints_ok
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dflow_trl"
 CORE = ("paths", "sampling.py", "likelihood.py", "rollout.py", "models", "trainer", "rewards")
@@ -131,9 +131,7 @@ def test_importing_the_core_loads_no_task():
         "loaded = [m for m in sys.modules if m.startswith(('dflow_trl.tasks', 'dflow_trl.cli'))]; "
         "assert not loaded, loaded; print('ok')"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert_fresh_python_prints_ok(code, timeout=300)
 
 
 def test_the_shapeworld_task_imports_with_its_public_api():

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -14,6 +12,8 @@ import torch
 
 from dflow_trl.rewards import REWARD_REGISTRY, get_reward_function
 from dflow_trl.rewards.combine import checked_reward, validate_rewards
+
+from .helpers import assert_fresh_python_prints_ok
 
 
 def exploding_reward(prompts, completions, **kwargs):
@@ -111,9 +111,7 @@ def test_registry_is_lazy_and_shapeworld_names_resolve():
         "import dflow_trl.tasks.shapeworld.rewards as s; assert f is s.shapeworld_strict; "
         "assert 'dflow_trl.rewards.clip_scorers' not in sys.modules; print('ok')"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    assert_fresh_python_prints_ok(code, timeout=120)
 
 
 def test_several_weighted_rewards_through_trl_calculate_rewards():
