@@ -11,11 +11,12 @@ is the per-rollout signal-to-noise ratio, and about 1/ρ rollouts make one gradi
 equals its noise. cos ≈ 0 means the batch gradient is mostly noise: the optimizer then needs many
 more steps (or larger batches) before the reward moves.
 
-A method is an estimator name, or ``NAME+branch`` for the same estimator with branched rollouts
-(``rollout_branching``: one trained step per rollout, step-level credit). ``seconds`` is the wall
+A method is an estimator name, optionally with ``+branch`` (``rollout_branching``: one trained step
+per rollout, step-level credit) and/or ``+greedy`` (``step_baseline="greedy"``: step k's advantage
+takes the reward of the posterior's prediction at x_k as its baseline). ``seconds`` is the wall
 time of the setting's R gradients, so ρ per second compares methods of different cost.
 
-    python benchmarks/gradient_snr.py --estimators top_k top_k+branch exact posterior_only --json out.json
+    python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only --json out.json
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
-def batch_gradients(method: str, prompt_row: dict, args: argparse.Namespace, accumulate: int) -> tuple[torch.Tensor, list[float]]:
-    """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts) and their mean rewards."""
-    estimator, _, variant = method.partition("+")
-    if variant not in ("", "branch"):
-        raise SystemExit(f"unknown method {method!r}: use an estimator name or NAME+branch")
+def batch_gradients(
+    method: str, prompt_row: dict, args: argparse.Namespace, accumulate: int
+) -> tuple[torch.Tensor, list[float], dict[str, float]]:
+    """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts), their
+    mean rewards, and per step the share of the advantage's variance a step baseline removed."""
+    estimator, *variants = method.split("+")
+    if not set(variants) <= {"branch", "greedy"}:
+        raise SystemExit(f"unknown method {method!r}: use an estimator name, NAME+branch or NAME+greedy")
     from datasets import Dataset
 
     from dflow_trl.rewards import get_reward_function
@@ -58,7 +62,8 @@ def batch_gradients(method: str, prompt_row: dict, args: argparse.Namespace, acc
         num_mc_samples=8,
         top_k_size=4,
         include_last_step=True,
-        rollout_branching=variant == "branch",
+        rollout_branching="branch" in variants,
+        step_baseline="greedy" if "greedy" in variants else "none",
         report_to="none",
         seed=args.seed,
     )
@@ -80,7 +85,12 @@ def batch_gradients(method: str, prompt_row: dict, args: argparse.Namespace, acc
             trainer.compute_loss(trainer.model, batch).backward()
             rewards.append(trainer._metrics["train"]["reward"][-1])
         grads.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]))
-    return torch.stack(grads), rewards
+    explained = {
+        key.rsplit("_", 1)[-1]: sum(v) / len(v)
+        for key, v in trainer._metrics["train"].items()
+        if key.startswith("flow/baseline_explained/") and v
+    }
+    return torch.stack(grads), rewards, explained
 
 
 def mean_pairwise_cosine(grads: torch.Tensor) -> float:
@@ -118,13 +128,14 @@ def main() -> None:
         meta = by_prompt[prompt]
         row = {"prompt": prompt, "tag": meta["tag"], "metadata": json.dumps(meta)}
         t0 = time.perf_counter()
-        grads, rewards = batch_gradients(est, row, a, acc)
+        grads, rewards, explained = batch_gradients(est, row, a, acc)
         n = acc * a.batch
         cos = mean_pairwise_cosine(grads)
         rho = max(cos, 0.0) / (n * (1 - cos))
         rows.append({
             "prompt": prompt, "estimator": est, "rollouts_per_gradient": n, "cosine": cos, "rho": rho,
             "mean_reward": sum(rewards) / len(rewards), "seconds": time.perf_counter() - t0,
+            **({"baseline_explained_per_step": explained} if explained else {}),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     (out / "gradient_snr.json").write_text(json.dumps(rows, indent=2))

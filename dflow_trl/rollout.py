@@ -44,6 +44,7 @@ def rollout(
     chunk_size: int | None = None,
     branch_steps: torch.LongTensor | None = None,
     group_size: int = 1,
+    record_greedy: bool = False,
 ) -> Trajectory:
     """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
 
@@ -75,6 +76,7 @@ def rollout(
                 generator=generator,
                 branch_steps=None if branch_steps is None else branch_steps[s : s + chunk],
                 group_size=group_size,
+                record_greedy=record_greedy,
             )
         )
     if len(parts) == 1:

@@ -198,7 +198,9 @@ _PER_STEP = ("log_floor", "head_ids", "head_log_excess", "draw_ids", "draw_logp_
 class Trajectory:
     """A batch of rollouts: canvas states ``x_0..x_K`` and per-step estimator records.
 
-    ``states`` is ``(B, K+1, D)``; ``times`` ``(K+1,)``; per-step fields are ``(B, K, D, ...)``."""
+    ``states`` is ``(B, K+1, D)``; ``times`` ``(K+1,)``; per-step fields are ``(B, K, D, ...)``.
+    ``greedy`` (``(B, K, D)``, when recorded) is ``argmax p^θ_{1|t}(· | x_k)`` per step: the canvas
+    the posterior at ``x_k`` predicts, a function of ``x_k`` alone (a valid baseline for step k)."""
 
     states: torch.LongTensor
     times: torch.Tensor
@@ -209,6 +211,7 @@ class Trajectory:
     draw_logp_old: torch.Tensor
     draw_log_excess: torch.Tensor
     old_log_prob: torch.Tensor
+    greedy: torch.LongTensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -226,12 +229,14 @@ class Trajectory:
     def to_dict(self, prefix: str = "flow_") -> dict[str, torch.Tensor]:
         """Batch-first tensors (times repeated per sample) for TRL's buffering/splitting."""
         out = {prefix + f.name: getattr(self, f.name) for f in fields(self) if f.name != "times"}
+        if self.greedy is None:
+            del out[prefix + "greedy"]
         out[prefix + "times"] = self.times.unsqueeze(0).expand(self.states.shape[0], -1)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, torch.Tensor], prefix: str = "flow_") -> Trajectory:
-        values = {f.name: data[prefix + f.name] for f in fields(cls)}
+        values = {f.name: data[prefix + f.name] for f in fields(cls) if prefix + f.name in data}
         values["times"] = values["times"][0]
         return cls(**values)
 
@@ -270,6 +275,7 @@ def sample_trajectory(
     generator: torch.Generator | None = None,
     branch_steps: torch.LongTensor | None = None,
     group_size: int = 1,
+    record_greedy: bool = False,
 ) -> Trajectory:
     """Roll ``x0`` (``(B, D)``) from ``t = 0`` to ``t = 1`` with the Euler-jump sampler.
 
@@ -280,6 +286,8 @@ def sample_trajectory(
     trajectory ``x_0 .. x_k`` (their first row's) and branch at step ``k = branch_steps[row]``:
     from ``x_k`` on each row draws independently, so the rows are i.i.d. given ``x_k`` and their
     mean reward is an unbiased value of ``x_k`` (step-level credit).
+
+    ``record_greedy`` also keeps each step's posterior argmax (``Trajectory.greedy``).
     """
     if times is None:
         times = time_grid(num_steps if num_steps is not None else 8, device=x0.device)
@@ -294,11 +302,13 @@ def sample_trajectory(
     leader = _branch_leaders(x0.shape[0], branch_steps, group_size, x0.device)
     if leader is not None:
         x0 = x0[leader(0)]
-    x, records = x0, []
+    x, records, greedy = x0, [], []
     for k in range(times.numel() - 1):
         t, h = float(times[k]), float(times[k + 1] - times[k])
         uncond = uncond_logits_fn(x, t) if cfg_scale != 0 else None
         probs = guided_log_probs(logits_fn(x, t), uncond, cfg_scale, temperature).exp()
+        if record_greedy:
+            greedy.append(probs.argmax(-1))
         rec = sample_step_recorded(path, probs, x, t, h, generator, num_draws, head_size)
         if leader is not None:
             rows = leader(k + 1)
@@ -307,4 +317,5 @@ def sample_trajectory(
         x = rec.x_next
     stacked = {name: torch.stack([getattr(r, name) for r in records], dim=1) for name in _PER_STEP}
     states = torch.stack([x0] + [r.x_next for r in records], dim=1)
-    return Trajectory(states=states, times=times, **stacked)
+    greedy_canvas = torch.stack(greedy, dim=1) if record_greedy else None
+    return Trajectory(states=states, times=times, greedy=greedy_canvas, **stacked)

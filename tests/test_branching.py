@@ -80,3 +80,22 @@ def test_branching_input_is_checked():
         sample_trajectory(path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.tensor([0, 1, 0, 0, 0, 0]), group_size=3)
     with pytest.raises(ValueError, match="one step per row"):
         sample_trajectory(path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.zeros(3, dtype=torch.long), group_size=3)
+
+
+@pytest.mark.parametrize("branched", [False, True])
+@pytest.mark.parametrize("name", PATHS)
+def test_recorded_greedy_canvas_is_the_posterior_argmax_at_x_k(name, branched):
+    """``Trajectory.greedy[:, k]`` is ``argmax p_{1|t_k}(· | x_k)`` of the state the step started from
+    (the shared prefix's, for branched groups), and recording it leaves the rollout unchanged."""
+    path, (b, d, g) = small_paths()[name], (8, 3, 4)
+    fn = _logits_fn(d)
+    branch = torch.tensor([1] * 4 + [2] * 4) if branched else None
+    kwargs = dict(num_steps=4, branch_steps=branch, group_size=g)
+    traj = sample_trajectory(path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), record_greedy=True, **kwargs)
+    plain = sample_trajectory(path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), **kwargs)
+    assert plain.greedy is None and torch.equal(plain.states, traj.states)
+    assert traj.greedy.shape == (b, 4, d)
+    for k in range(4):
+        assert torch.equal(traj.greedy[:, k], fn(traj.states[:, k], 0.0).argmax(-1))
+    again = type(traj).from_dict(traj.to_dict())
+    assert torch.equal(again.greedy, traj.greedy) and "flow_greedy" not in plain.to_dict()

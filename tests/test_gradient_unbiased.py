@@ -189,3 +189,36 @@ def test_posterior_only_is_caught_as_biased(tmp_path, kind):
     mean, se, _ = projection(trainer_gradients(tmp_path, kind, 512, 8, estimator="posterior_only"), exact)
     target = exact.norm().item()
     assert abs(mean - target) > 2 * BAND * se, f"projection {mean:.4f} ± {se:.4f} vs exact {target:.4f}"
+
+
+@pytest.mark.parametrize("estimator", ["exact", "top_k"])
+@pytest.mark.parametrize("kind", PATHS)
+def test_greedy_step_baseline_matches_brute_force(tmp_path, kind, estimator):
+    """``step_baseline="greedy"``: step k's baseline is the reward of the posterior's argmax at x_k,
+    a function of x_k only, so the mean gradient is still ∇E[R] (same constant)."""
+    exact = exact_gradient(kind)
+    grads = trainer_gradients(tmp_path, kind, 512, 12, estimator=estimator, step_baseline="greedy")
+    mean, se, cos = projection(grads, exact)
+    target = exact.norm().item()
+    assert abs(mean - target) <= BAND * se, f"projection {mean:.4f} ± {se:.4f} vs exact {target:.4f}"
+    assert se < 0.05 * target
+    assert cos > 0.95, cos
+
+
+class _LeakyBaseline(DFlowGRPOTrainer):
+    """A deliberately invalid step baseline: step k's "prediction" is taken at x_{k+1} (the next
+    step's argmax; the outcome itself at the last step), so it depends on the action it credits."""
+
+    def _step_advantages(self, inputs, advantages):
+        greedy, states = self._flow_current["flow_greedy"], self._flow_current["flow_states"]
+        self._flow_current["flow_greedy"] = torch.cat([greedy[:, 1:], states[:, -1:]], dim=1)
+        return super()._step_advantages(inputs, advantages)
+
+
+def test_a_baseline_that_sees_the_action_is_caught_as_biased(tmp_path, monkeypatch):
+    monkeypatch.setattr(f"{__name__}.DFlowGRPOTrainer", _LeakyBaseline)
+    exact = exact_gradient("uniform")
+    grads = trainer_gradients(tmp_path, "uniform", 512, 8, estimator="exact", step_baseline="greedy")
+    mean, se, _ = projection(grads, exact)
+    target = exact.norm().item()
+    assert abs(mean - target) > 2 * BAND * se, f"projection {mean:.4f} ± {se:.4f} vs exact {target:.4f}"

@@ -387,3 +387,43 @@ def test_non_finite_logits_are_named_as_such():
     probs[1, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="not finite"):
         path.check_posterior(probs)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale):
+    """Step k's advantage is TRL's minus ``c_k (b_k − mean_G b_k) / σ`` with ``b_k`` the reward of the
+    posterior's argmax at x_k, and ``c_k = 1`` on the first batch (no earlier batch to fit it on)."""
+    trainer = make_trainer(
+        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale, per_device_train_batch_size=8, max_steps=2
+    )
+    seen = []
+    original = trainer._step_advantages
+
+    def spy(inputs, advantages):
+        out = original(inputs, advantages)
+        seen.append((trainer._flow_current, advantages.clone(), out))
+        return out
+
+    trainer._step_advantages = spy
+    trainer.train()
+    rows, trl_adv, adv = seen[0]
+    steps, greedy = rows["flow_step_index"], rows["flow_greedy"]
+    assert adv.shape == steps.shape == (8, len(trainer._trainable_steps(4)))
+    rewards = torch.tensor(count_reward(None, None, rows["flow_states"][:, -1].tolist()))
+    sigma = {"group": rewards.view(-1, 4).std(1).repeat_interleave(4) + 1e-4,
+             "batch": rewards.std().expand(8) + 1e-4, "none": torch.ones(8)}[scale]  # fmt: skip
+    for j, k in enumerate(steps[0].tolist()):
+        b = torch.tensor(count_reward(None, None, greedy[:, k].tolist()))
+        shift = (b - b.view(-1, 4).mean(1).repeat_interleave(4)) / sigma
+        torch.testing.assert_close(adv[:, j], trl_adv - shift, atol=1e-5, rtol=1e-4)
+    assert trainer.state.log_history[0][f"flow/baseline_coef/step_{steps[0, -1].item()}"] == 1.0
+    assert greedy.shape == (8, 4, rows["flow_states"].shape[-1])
+
+
+def test_step_baseline_rejects_what_it_cannot_use(tmp_path):
+    with pytest.raises(ValueError, match="step_baseline must be"):
+        make_args(tmp_path, step_baseline="value")
+    with pytest.raises(ValueError, match="posterior_only"):
+        make_args(tmp_path, estimator="posterior_only", step_baseline="greedy")
+    with pytest.raises(ValueError, match="sum_then_normalize"):
+        make_args(tmp_path, step_baseline="greedy", multi_objective_aggregation="normalize_then_sum")

@@ -43,6 +43,14 @@ class DFlowGRPOConfig(GRPOConfig):
             ``x_k`` on and the group mean is a baseline conditioned on ``x_k``. Unbiased for the
             policy gradient up to the positive factor ``1/T`` (T trained steps), with one step's
             score terms per rollout instead of T; one backward step per rollout.
+        step_baseline: per-step baseline of the advantage. ``"none"``: every trained step of a
+            rollout gets its GRPO advantage ``(R − mean_G R) / σ``. ``"greedy"``: step ``k`` gets
+            ``(R − mean_G R − c_k (b_k − mean_G b_k)) / σ`` with ``b_k = R(argmax p^θ_{1|t_k}(· | x_k))``,
+            the reward of the canvas the posterior at ``x_k`` predicts, and ``c_k ∈ [0, 1]`` fitted on
+            earlier batches only. ``b_k`` is a function of ``x_k`` (and of the group's other
+            rollouts), never of ``x_{k+1}``, so the policy gradient stays unbiased; late steps,
+            whose prediction is close to the outcome, lose most of the noise that the outcome's
+            other causes put on them. Costs one reward call per trained step.
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.
         step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
@@ -79,6 +87,11 @@ class DFlowGRPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Groups share their trajectory up to a random step and branch there; only that step is trained."},
     )
+    step_baseline: str = field(
+        default="none",
+        metadata={"help": "Per-step advantage baseline: none, or greedy (reward of the posterior's argmax at x_k).",
+                  "choices": ["none", "greedy"]},
+    )
     num_train_steps_per_rollout: int | None = field(
         default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}
     )
@@ -108,6 +121,12 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"train_steps must be 'moving' or 'all', got {self.train_steps!r}")
         if self.step_aggregation not in ("mean", "sum"):
             errors.append(f"step_aggregation must be 'mean' or 'sum', got {self.step_aggregation!r}")
+        if self.step_baseline not in ("none", "greedy"):
+            errors.append(f"step_baseline must be 'none' or 'greedy', got {self.step_baseline!r}")
+        if self.step_baseline != "none" and self.estimator == "posterior_only":
+            errors.append("step_baseline needs per-step scores; posterior_only scores the final sample once: use another estimator")
+        if self.step_baseline != "none" and self.multi_objective_aggregation != "sum_then_normalize":
+            errors.append("step_baseline works on summed rewards: set multi_objective_aggregation='sum_then_normalize'")
         if self.num_train_steps_per_rollout is not None and self.num_train_steps_per_rollout < 1:
             errors.append("num_train_steps_per_rollout must be >= 1 or None")
         if self.rollout_branching and self.estimator == "posterior_only":

@@ -26,6 +26,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import nanstd
 
 from ..likelihood import get_estimator
 from ..models.base import FlowInputs, check_flow_model
@@ -146,6 +147,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
         self._flow_current: dict[str, Any] | None = None
         self._flow_canvas: list[list[int]] | None = None
         self._flow_last_images: list[Any] = []
+        self._flow_rewards: torch.Tensor | None = None
+        self._flow_baseline_stats: dict[int, list[float]] = {}
         # dr_grpo normalises by max_completion_length: here, the number of trained steps per rollout.
         self.max_completion_length = max(1, self._num_trained_steps(args.num_flow_steps))
 
@@ -182,7 +185,10 @@ class DFlowGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         self._flow_rows_in = inputs
         output = super()._generate_and_score_completions(inputs)
+        if self.args.step_baseline != "none" and self.model.training:
+            output["advantages"] = self._step_advantages(inputs, output["advantages"])
         output.update(self._flow_current)
+        output.pop("flow_greedy", None)
         self._flow_current = None
         return output
 
@@ -212,6 +218,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 chunk_size=args.rollout_batch_size or args.per_device_train_batch_size,
                 branch_steps=branch,
                 group_size=self.num_generations,
+                record_greedy=args.step_baseline != "none" and mode == "train",
             )
         completions = flow_model.decode_canvas(traj.final, self.processing_class)
         if branch is not None:
@@ -256,7 +263,75 @@ class DFlowGRPOTrainer(GRPOTrainer):
         return steps[pick].repeat_interleave(g)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        return super()._calculate_rewards(inputs, prompts, completions, self._flow_canvas)
+        self._flow_rewards = super()._calculate_rewards(inputs, prompts, completions, self._flow_canvas)
+        return self._flow_rewards
+
+    # ---- per-step baselines -----------------------------------------------------------------------
+    _BASELINE_DECAY = 0.8
+
+    def _baseline_coef(self, k: int, advantages: torch.Tensor, shift: torch.Tensor) -> float:
+        """The control-variate coefficient ``c_k ∈ [0, 1]`` for step ``k``: ``Σ A·s / Σ s²`` (the least-
+        squares fit of the advantages by the baseline), from *earlier* generation batches only, so
+        that ``c_k`` is fixed given the past and the baseline stays a function of ``x_k``. 1 until a
+        batch has been seen; then updated with this batch (exponential decay 0.8)."""
+        stats = self._flow_baseline_stats.setdefault(k, [0.0, 0.0])
+        coef = 1.0 if stats[1] == 0 else min(1.0, max(0.0, stats[0] / stats[1]))
+        decay = self._BASELINE_DECAY
+        stats[0] = decay * stats[0] + (advantages * shift).sum().item()
+        stats[1] = decay * stats[1] + shift.pow(2).sum().item()
+        return coef
+    def _summed(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
+        """TRL's weighted sum over reward functions, NaN where every function returned None."""
+        summed = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        return summed.masked_fill(torch.isnan(rewards_per_func).all(dim=1), torch.nan)
+
+    def _step_advantages(self, inputs: list[dict[str, Any]], advantages: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` advantages: TRL's ``(R − μ_G) / σ`` minus, for step ``k``, ``(b_k − mean_G b_k) / σ``
+        with ``b_k`` the reward of ``Trajectory.greedy[:, k]`` (``DFlowGRPOConfig.step_baseline``).
+
+        σ is recomputed from TRL's rewards and checked against TRL's advantages, so a change of
+        TRL's normalisation fails here instead of silently mixing two scales."""
+        rows, g = self._flow_current, self.num_generations
+        step_index, greedy = rows["flow_step_index"], rows["flow_greedy"]
+        prompts = [r["prompt"] for r in inputs]
+        rewards = self._summed(self._flow_rewards)
+        spread = torch.ones_like(rewards)
+        if self.scale_rewards == "group":
+            spread = nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g)
+        elif self.scale_rewards == "batch":
+            spread = nanstd(rewards).expand_as(rewards)
+        sigma = spread + 1e-4 if self.scale_rewards != "none" else spread
+        local = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
+        mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g)
+        expected = ((rewards - mean) / sigma).nan_to_num(0.0)[local]
+        if not torch.allclose(expected, advantages, atol=1e-5, rtol=1e-4):
+            raise RuntimeError(
+                "step_baseline: TRL's advantages no longer equal (R − group mean) / σ; the installed TRL "
+                "changed its normalisation (see docs/trainer.md, 'Upgrading TRL')"
+            )
+        # Where TRL's σ is 0 the group carries no reward signal and TRL trains nothing on it; a baseline
+        # shift divided by σ + 1e-4 would only add (huge) zero-mean noise there.
+        silent = torch.isclose(spread, torch.zeros_like(spread)) | torch.isnan(rewards)
+        flow_model = self._flow_model()
+        out = advantages.unsqueeze(1).repeat(1, step_index.shape[1])
+        full = ((rewards - mean) / sigma).nan_to_num(0.0)
+        for k in step_index.unique().tolist():
+            canvas = greedy[:, k]
+            completions = flow_model.decode_canvas(canvas, self.processing_class)
+            base = self._summed(super()._calculate_rewards(inputs, prompts, completions, canvas.tolist()))
+            centred = base - torch.nanmean(base.view(-1, g), dim=1).repeat_interleave(g)
+            shift = (centred / sigma).nan_to_num(0.0).masked_fill(silent, 0.0)
+            coef = self._baseline_coef(k, full, shift)
+            hit = step_index == k
+            out[hit] -= (coef * shift[local]).unsqueeze(1).expand_as(out)[hit]
+            metrics = self._metrics["train"]
+            metrics[f"flow/baseline_coef/step_{k}"].append(coef)
+            metrics[f"flow/baseline_reward/step_{k}"].append(torch.nanmean(base).item())
+            if full.pow(2).sum() > 0:  # share of the advantages' second moment removed (< 0: added)
+                metrics[f"flow/baseline_explained/step_{k}"].append(
+                    1.0 - ((full - coef * shift).pow(2).sum() / full.pow(2).sum()).item()
+                )
+        return out
 
     # ---- log-probabilities ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
