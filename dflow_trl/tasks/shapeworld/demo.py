@@ -38,6 +38,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         eval_samples=4,
         estimator="top_k",
         rollout_branching=False,
+        step_baseline="none",
         reward="shapeworld_partial",
         lora_r=16,
         # About 10 s a step on 2 CPU cores: 12 steps keep the whole demo, both evaluations
@@ -73,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--rollout-branching", action=argparse.BooleanOptionalAction, default=None,
         help="step-level credit from branched rollouts (DFlowGRPOConfig.rollout_branching)",
+    )
+    ap.add_argument(
+        "--step-baseline", choices=["none", "greedy"], default=None,
+        help="per-step advantage baseline (DFlowGRPOConfig.step_baseline)",
     )
     ap.add_argument("--eval-per-tag", type=int, default=None, help="held-out prompts per category (t2i)")
     ap.add_argument("--eval-questions", type=int, default=240, help="held-out questions (understanding)")
@@ -241,6 +246,7 @@ def build_trainer(
         num_flow_steps=cfg["num_flow_steps"],
         estimator=cfg["estimator"],
         rollout_branching=cfg.get("rollout_branching", False),
+        step_baseline=cfg.get("step_baseline", "none"),
         num_mc_samples=8,
         top_k_size=4,
         include_last_step=True,
@@ -291,8 +297,8 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     task = args.task
     cfg = dict(DEMO_DEFAULTS[task])
     overridable = (
-        "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "eval_per_tag", "eval_steps",
-        "eval_samples",
+        "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline", "eval_per_tag",
+        "eval_steps", "eval_samples",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:
