@@ -417,9 +417,12 @@ class DFlowGRPOTrainer(GRPOTrainer):
     # ---- logging ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
-        if self._flow_last_images and self.accelerator.is_main_process:
-            _log_images(self, gather_object(self._flow_last_images)[: self.args.log_sample_images])
+        if self._flow_last_images:
+            # A collective: every rank holds images here (same config) and must join, or rank 0 hangs.
+            images = gather_object(self._flow_last_images)
             self._flow_last_images = []
+            if self.accelerator.is_main_process:
+                _log_images(self, images[: self.args.log_sample_images])
 
 
 def _check_dataset(name: str, dataset: Any) -> None:
