@@ -427,3 +427,26 @@ def test_step_baseline_rejects_what_it_cannot_use(tmp_path):
         make_args(tmp_path, estimator="posterior_only", step_baseline="greedy")
     with pytest.raises(ValueError, match="sum_then_normalize"):
         make_args(tmp_path, step_baseline="greedy", multi_objective_aggregation="normalize_then_sum")
+
+
+def test_registry_names_and_import_paths_resolve_in_python(tmp_path):
+    """TRL takes a string reward as a Hub model id; registry names and "pkg.module:func" are ours."""
+    from dflow_trl.rewards import REWARD_REGISTRY, register_reward
+
+    register_reward("test_count_reward", lambda: count_reward, overwrite=True)
+    try:
+        trainer = make_trainer(tmp_path, reward=["test_count_reward", "tests.tiny:count_reward"], max_steps=1)
+    finally:
+        del REWARD_REGISTRY["test_count_reward"]
+    assert all(callable(f) and not isinstance(f, torch.nn.Module) for f in trainer.reward_funcs)
+    trainer.train()
+    assert trainer.state.log_history[0]["reward"] > 0
+
+
+def test_rewards_that_are_all_none_warn(tmp_path):
+    def never(prompts, completions, completion_ids, **kw):
+        return [None] * len(prompts)
+
+    trainer = make_trainer(tmp_path, reward=never, max_steps=1)
+    with pytest.warns(UserWarning, match="returned None for all"):
+        trainer.train()

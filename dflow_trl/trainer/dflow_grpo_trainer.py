@@ -18,6 +18,7 @@ overrides only:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from trl.trainer.utils import nanstd
 from ..likelihood import get_estimator
 from ..models.base import FlowInputs, check_flow_model
 from ..models.loading import load_flow_model, load_processing_class
+from ..rewards import REWARD_REGISTRY, get_reward_function
 from ..rewards.combine import checked_reward
 from ..rollout import flow_logits, rollout
 from ..sampling import StepRecord, guided_log_probs
@@ -105,6 +107,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
         if reward_funcs is None:
             raise ValueError("reward_funcs is required: pass one or more reward functions")
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        # A registry name or "pkg.module:func" is ours to resolve; TRL would take any string as a Hub
+        # reward-model id and try the network. Other strings (Hub ids, local model folders) go to TRL.
+        funcs = [get_reward_function(f) if isinstance(f, str) and (f in REWARD_REGISTRY or ":" in f) else f for f in funcs]
         funcs = [checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         if peft_config is not None and getattr(peft_config, "task_type", None) is not None:
             # Task-typed PEFT wrappers (e.g. CAUSAL_LM) assume generate()/labels; a DFM needs the plain wrapper.
@@ -264,6 +269,13 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         self._flow_rewards = super()._calculate_rewards(inputs, prompts, completions, self._flow_canvas)
+        if bool(torch.isnan(self._flow_rewards).all()):
+            # TRL zeroes such advantages: the step trains nothing, which would otherwise pass unnoticed.
+            warnings.warn(
+                f"every reward function returned None for all {self._flow_rewards.shape[0]} samples of this batch: "
+                "the step carries no learning signal (check the rewards' inputs, e.g. dataset columns they need)",
+                stacklevel=2,
+            )
         return self._flow_rewards
 
     # ---- per-step baselines -----------------------------------------------------------------------
