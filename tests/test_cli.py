@@ -9,44 +9,13 @@ import pytest
 
 from dflow_trl.cli import load_prompt_dataset, main
 
-from .tiny import tiny_model, tiny_tokenizer
+from .tiny import tiny_recipe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def test_train_from_yaml_recipe_with_overrides(tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_model("uniform").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a red square", "a blue circle"] * 4))
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        f"""
-model_name_or_path: {model_dir}
-dataset_name: {data}
-reward_funcs: [tests.tiny.count_reward]
-output_dir: {tmp_path / "out"}
-use_cpu: true
-bf16: false
-gradient_checkpointing: false
-per_device_train_batch_size: 4
-num_generations: 4
-num_flow_steps: 3
-estimator: top_k
-num_mc_samples: 4
-top_k_size: 2
-max_steps: 2
-learning_rate: 0.01
-logging_steps: 1
-save_strategy: "no"
-report_to: none
-use_peft: true
-lora_r: 4
-lora_alpha: 8
-lora_target_modules: [q_proj, v_proj]
-"""
-    )
+    recipe = tiny_recipe(tmp_path)
     assert main(["train", "--config", str(recipe), "--learning_rate", "0.02", "--beta", "0.05"]) == 0
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").is_file()

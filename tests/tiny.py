@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -65,3 +68,41 @@ def prompt_dataset(n: int = 4) -> Dataset:
 def count_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:
     """Fraction of canvas tokens equal to image token 1 (a reward with a known optimum)."""
     return [sum(t == 1 for t in ids) / len(ids) for ids in completion_ids]
+
+
+def tiny_recipe(tmp_path) -> Path:
+    """A CLI recipe (YAML) that trains a saved tiny uniform-path model with LoRA for 2 logged steps
+    on 16 prompts; returns its path (output in ``tmp_path / "out"``)."""
+    model_dir = tmp_path / "model"
+    tiny_model("uniform").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p}) for p in ["a red square", "a blue circle"] * 8))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""
+model_name_or_path: {model_dir}
+dataset_name: {data}
+reward_funcs: [tests.tiny.count_reward]
+output_dir: {tmp_path / "out"}
+use_cpu: true
+bf16: false
+gradient_checkpointing: false
+per_device_train_batch_size: 4
+num_generations: 4
+num_flow_steps: 3
+estimator: top_k
+num_mc_samples: 4
+top_k_size: 2
+max_steps: 2
+learning_rate: 0.01
+logging_steps: 1
+save_strategy: "no"
+report_to: none
+use_peft: true
+lora_r: 4
+lora_alpha: 8
+lora_target_modules: [q_proj, v_proj]
+"""
+    )
+    return recipe
