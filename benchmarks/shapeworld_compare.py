@@ -2,7 +2,8 @@
 
 Same shipped base, same prompts, same number of optimizer steps and the same seeds for every
 method; training rollouts use K = 8 Euler steps. Methods: ``monte_carlo`` and ``top_k``
-(dFlowGRPO) and ``posterior_only`` (diffu-GRPO).
+(dFlowGRPO), ``top_k+greedy`` (``top_k`` with ``step_baseline="greedy"``) and ``posterior_only``
+(diffu-GRPO).
 
 ``--mode heldout`` runs the demo per method and seed (LoRA on the balanced training prompts, the
 demo's evaluation: 24 held-out prompts per category × 4 samples at K = 8 unless overridden) and
@@ -27,6 +28,8 @@ from dflow_trl.tasks.shapeworld import TAGS
 from dflow_trl.tasks.shapeworld.demo import DEMO_DEFAULTS, build_parser, build_trainer, run
 
 ESTIMATORS = ("monte_carlo", "top_k", "posterior_only")
+# ``NAME+greedy``: the estimator with ``step_baseline="greedy"`` (docs/method.md §5).
+METHODS = (*ESTIMATORS, "top_k+greedy")
 # Training prompts the shipped base half-solves (shape hybrids; relation at chance).
 HALF_SOLVED = ("a photo of a blue square and a red cross", "a photo of a diamond above a cross")
 
@@ -35,7 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["heldout", "prompt"], default="heldout")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(ESTIMATORS))
+    ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(METHODS))
     ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 40 heldout, 12 prompt)")
     ap.add_argument("--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)")
     ap.add_argument("--eval-samples", type=int, default=None, help="heldout: samples per prompt (default: the demo's)")
@@ -78,8 +81,10 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     for seed in a.seeds:
         for est in a.estimators:
             overrides = {"--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples, "--eval-steps": a.eval_steps}
+            estimator, _, baseline = est.partition("+")
             args = build_parser().parse_args([
-                "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", est, "--seed", str(seed),
+                "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", estimator, "--seed", str(seed),
+                "--step-baseline", baseline or "none",
                 "--max-steps", str(a.max_steps or DEMO_DEFAULTS["t2i"]["max_steps"]), "--train-minutes", "1000",
                 *[str(x) for flag, v in overrides.items() if v is not None for x in (flag, v)],
             ])  # fmt: skip
@@ -116,7 +121,11 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
                 model, tok = load_shapeworld_model("t2i")
                 if before is None:
                     before = evaluate_t2i(model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,))["partial"]
-                cfg = {**DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": a.max_steps or 12, "estimator": est}
+                estimator, _, baseline = est.partition("+")
+                cfg = {
+                    **DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": a.max_steps or 12,
+                    "estimator": estimator, "step_baseline": baseline or "none",
+                }  # fmt: skip
                 if a.learning_rate is not None:
                     cfg["learning_rate"] = a.learning_rate
                 trainer = build_trainer(model, tok, Dataset.from_list([row] * 16), cfg, Path(a.output) / "trainer", seed)

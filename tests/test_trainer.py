@@ -450,3 +450,38 @@ def test_rewards_that_are_all_none_warn(tmp_path):
     trainer = make_trainer(tmp_path, reward=never, max_steps=1)
     with pytest.warns(UserWarning, match="returned None for all"):
         trainer.train()
+
+
+def _loss_gradients(trainer, inputs) -> tuple[torch.Tensor, int]:
+    """Gradient of the GRPO loss on ``inputs`` and the bytes autograd saved outside checkpoints."""
+    trainer.model.zero_grad(set_to_none=True)
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return grads, sum(seen.values())
+
+
+@pytest.mark.parametrize(("peft", "cfg"), [(None, 0.0), (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 2.0)])
+def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, peft, cfg):
+    """Same rollouts, same loss: identical gradients; the graph kept for backward no longer grows
+    with the number of trained steps (only each step's (B,) log-probability is kept)."""
+    trainer = make_trainer(tmp_path, path="uniform", estimator="top_k", peft=peft, cfg_scale=cfg, train_steps="all")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions([{"prompt": p} for p in ["a red square"] * 4])
+    plain, plain_saved = _loss_gradients(trainer, inputs)
+    trainer.args.step_checkpointing = True
+    ckpt, ckpt_saved = _loss_gradients(trainer, inputs)
+    torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-5)
+    one_step = {k: v[:, :1] if k == "flow_step_index" else v for k, v in inputs.items()}
+    _, ckpt_saved_one = _loss_gradients(trainer, one_step)
+    assert inputs["flow_step_index"].shape[1] == 4
+    assert ckpt_saved < 0.1 * plain_saved
+    assert ckpt_saved <= 2 * ckpt_saved_one + 4096

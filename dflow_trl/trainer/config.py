@@ -51,6 +51,11 @@ class DFlowGRPOConfig(GRPOConfig):
             rollouts), never of ``x_{k+1}``, so the policy gradient stays unbiased; late steps,
             whose prediction is close to the outcome, lose most of the noise that the outcome's
             other causes put on them. Costs one reward call per trained step.
+        step_checkpointing: activation checkpointing per denoising step. The loss keeps only each
+            trained step's ``(B,)`` log-probability and recomputes the step's forward during backward,
+            so a micro-batch's memory no longer grows with the number of trained steps T (without it
+            every step's graph, ``(B, D, V)`` log-posterior included, lives until TRL's single
+            backward). Costs one more forward per trained step; gradients are unchanged.
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.
         step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
@@ -91,6 +96,10 @@ class DFlowGRPOConfig(GRPOConfig):
         default="none",
         metadata={"help": "Per-step advantage baseline: none, or greedy (reward of the posterior's argmax at x_k).",
                   "choices": ["none", "greedy"]},
+    )
+    step_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute each trained step's forward during backward: memory flat in the number of steps."},
     )
     num_train_steps_per_rollout: int | None = field(
         default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}

@@ -18,10 +18,12 @@ overrides only:
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from accelerate.utils import gather_object
 from peft import PeftModel
 from transformers import PreTrainedModel
@@ -383,15 +385,16 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 )
                 t, h = float(times[k]), float(times[k + 1] - times[k])
                 t_in = 0.0 if posterior_only else t
-                cond = flow_logits(model, batch, record.x_t, t=t_in)
-                uncond = flow_logits(model, batch, record.x_t, unconditional=True, t=t_in) if cfg != 0 else None
-                log_post = guided_log_probs(cond, uncond, cfg, self.args.flow_temperature)
-                per_pos = self.estimator.step_log_prob(self.flow_path, record, log_post, t, h).float()
-                agg = per_pos.mean(-1) if self.args.step_aggregation == "mean" else per_pos.sum(-1)
+                score = functools.partial(self._score_step, model, batch, record, t, h, t_in, cfg, compute_entropy)
+                if self.args.step_checkpointing and torch.is_grad_enabled():
+                    # Keep only this step's (B,) log-probability for the loss; its forward is recomputed
+                    # during backward, so memory does not grow with the number of trained steps.
+                    agg, ent = torch.utils.checkpoint.checkpoint(score, use_reentrant=False)
+                else:
+                    agg, ent = score()
                 logps[i, j] = agg
                 if compute_entropy:
-                    ent = -(log_post.exp() * log_post.nan_to_num(neginf=0.0)).sum(-1).mean(-1)
-                    entropies[i, j] = ent.detach()
+                    entropies[i, j] = ent
                 if torch.is_grad_enabled() and not posterior_only:
                     old = record.old_log_prob.mean(-1) if self.args.step_aggregation == "mean" else record.old_log_prob.sum(-1)
                     drift = (agg.detach() - old).abs().mean().item()
@@ -402,6 +405,23 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 "check that the model's logits are finite and that temperature/CFG match the rollouts"
             )
         return logps, (entropies if compute_entropy else None), None
+
+    def _score_step(
+        self, model: Any, batch: FlowInputs, record: StepRecord, t: float, h: float, t_in: float, cfg: float,
+        compute_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``log π̂_θ(x_{k+1} | x_k)`` of one step aggregated over the canvas (``(B,)``), and the mean
+        posterior entropy (``(B,)``, no gradient) when asked."""
+        cond = flow_logits(model, batch, record.x_t, t=t_in)
+        uncond = flow_logits(model, batch, record.x_t, unconditional=True, t=t_in) if cfg != 0 else None
+        log_post = guided_log_probs(cond, uncond, cfg, self.args.flow_temperature)
+        per_pos = self.estimator.step_log_prob(self.flow_path, record, log_post, t, h).float()
+        agg = per_pos.mean(-1) if self.args.step_aggregation == "mean" else per_pos.sum(-1)
+        ent = None
+        if compute_entropy:
+            with torch.no_grad():
+                ent = -(log_post.exp() * log_post.nan_to_num(neginf=0.0)).sum(-1).mean(-1)
+        return agg, ent
 
     @staticmethod
     def _record(rows: dict[str, Any], i: torch.Tensor, k: int, final: bool = False) -> StepRecord:
