@@ -9,7 +9,7 @@ import torch
 from .likelihood import Estimator
 from .models.base import FlowInputs
 from .paths.base import ProbabilityPath
-from .sampling import Trajectory, sample_trajectory
+from .sampling import Trajectory, sample_trajectory, time_grid
 
 
 def wants_flow_time(model: Any) -> bool:
@@ -45,12 +45,14 @@ def rollout(
     branch_steps: torch.LongTensor | None = None,
     group_size: int = 1,
     record_greedy: bool = False,
+    time_power: float = 1.0,
 ) -> Trajectory:
     """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
 
     ``chunk_size`` rollouts share one forward pass (all by default). ``branch_steps`` /
     ``group_size``: groups of consecutive rows share their trajectory up to a step and branch
-    there (:func:`~dflow_trl.sampling.sample_trajectory`); chunks then hold whole groups."""
+    there (:func:`~dflow_trl.sampling.sample_trajectory`); chunks then hold whole groups.
+    ``time_power``: the grid ``t_k = (k / K)^power`` (:func:`~dflow_trl.sampling.time_grid`)."""
     if cfg_scale != 0 and batch.uncond_input_ids is None:
         raise ValueError("cfg_scale != 0 but the model defines no unconditional input")
     b, d = batch.batch_size, batch.canvas_length
@@ -67,7 +69,7 @@ def rollout(
                 path,
                 lambda x, t, sub=sub: flow_logits(model, sub, x, t=t),
                 x0,
-                num_steps=num_steps,
+                times=time_grid(num_steps, device=device, power=time_power),
                 uncond_logits_fn=(lambda x, t, sub=sub: flow_logits(model, sub, x, unconditional=True, t=t)),
                 cfg_scale=cfg_scale,
                 temperature=temperature,
@@ -95,6 +97,7 @@ def generate(
     temperature: float = 1.0,
     seed: int | None = None,
     chunk_size: int | None = None,
+    time_power: float = 1.0,
     **columns: list[Any],
 ) -> tuple[torch.LongTensor, list[Any]]:
     """Sample one canvas per prompt: returns ``(canvas (B, D), decoded)`` (PIL images or strings)."""
@@ -104,6 +107,7 @@ def generate(
     if seed is not None:
         gen = torch.Generator(device=batch.input_ids.device).manual_seed(seed)
     traj = rollout(
-        model, batch, base.get_probability_path(), num_steps, cfg_scale, temperature, generator=gen, chunk_size=chunk_size
+        model, batch, base.get_probability_path(), num_steps, cfg_scale, temperature, generator=gen, chunk_size=chunk_size,
+        time_power=time_power,
     )
     return traj.final, base.decode_canvas(traj.final, processing_class)

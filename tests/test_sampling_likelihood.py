@@ -286,3 +286,15 @@ def test_sampler_and_estimator_bad_inputs():
         guided_log_probs(torch.zeros(2, 3), temperature=0)
     with pytest.raises(ValueError, match="increasing"):
         sample_trajectory(path, lambda x, t: torch.zeros(*x.shape, V_SMALL), torch.zeros(1, 2, dtype=torch.long), times=torch.tensor([0.0, 0.7, 0.5, 1.0]))
+
+
+def test_time_grid_power_concentrates_steps_near_the_source():
+    from dflow_trl.sampling import time_grid
+
+    torch.testing.assert_close(time_grid(4), torch.tensor([0, 0.25, 0.5, 0.75, 1], dtype=torch.float64))
+    grid = time_grid(4, power=3.0)
+    torch.testing.assert_close(grid, (torch.arange(5, dtype=torch.float64) / 4) ** 3)
+    assert (grid[1:] > grid[:-1]).all() and grid[0] == 0 and grid[-1] == 1
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="power must be > 0"):
+            time_grid(4, power=bad)

@@ -485,3 +485,25 @@ def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, 
     assert inputs["flow_step_index"].shape[1] == 4
     assert ckpt_saved < 0.1 * plain_saved
     assert ckpt_saved <= 2 * ckpt_saved_one + 4096
+
+
+def test_time_power_grid_is_used_by_rollouts_and_scoring(tmp_path):
+    """``flow_time_power`` sets the rollouts' grid; the loss scores each step at its recorded (t, h),
+    so the first pass over a batch still has ratio exactly 1."""
+    with pytest.raises(ValueError, match="flow_time_power"):
+        make_args(tmp_path, flow_time_power=0.0)
+    trainer = make_trainer(tmp_path, estimator="top_k", flow_time_power=2.0, max_steps=1)
+    seen = []
+    original = trainer._generate
+
+    def spy(prompts):
+        out = original(prompts)
+        seen.append(trainer._flow_current["flow_times"][0].clone())
+        return out
+
+    trainer._generate = spy
+    trainer.train()
+    torch.testing.assert_close(seen[0], (torch.arange(5, dtype=torch.float64) / 4) ** 2)
+    logs = trainer.state.log_history[0]
+    assert all(v < 1e-5 for k, v in logs.items() if k.startswith("flow/abs_log_ratio/"))
+    assert 0 not in trainer._trainable_steps(4)  # the metric path's first step still cannot move

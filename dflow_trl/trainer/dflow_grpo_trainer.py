@@ -37,7 +37,7 @@ from ..models.loading import load_flow_model, load_processing_class
 from ..rewards import REWARD_REGISTRY, get_reward_function
 from ..rewards.combine import checked_reward
 from ..rollout import flow_logits, rollout
-from ..sampling import StepRecord, guided_log_probs
+from ..sampling import StepRecord, guided_log_probs, time_grid
 from .config import DFlowGRPOConfig
 
 _CITATION = """\
@@ -168,7 +168,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
         """Steps whose probability depends on θ and that the config trains."""
         if self.args.estimator == "posterior_only":
             return [0]
-        times = [k / num_steps for k in range(num_steps + 1)]
+        times = time_grid(num_steps, power=self.args.flow_time_power).tolist()
         steps = []
         for k in range(num_steps):
             last = k == num_steps - 1
@@ -226,6 +226,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 branch_steps=branch,
                 group_size=self.num_generations,
                 record_greedy=args.step_baseline != "none" and mode == "train",
+                time_power=args.flow_time_power,
             )
         completions = flow_model.decode_canvas(traj.final, self.processing_class)
         if branch is not None:

@@ -127,6 +127,7 @@ def evaluate_t2i(
     batch_size: int = 32,
     temperature: float = 1.0,
     return_samples: bool = False,
+    time_power: float = 1.0,
 ) -> dict[str, Any]:
     """Text-to-image scores of ``model`` on ``dataset`` (columns ``prompt``, ``tag``, ``metadata``),
     one sample per prompt and seed (GenEval draws 4 per prompt: pass 4 seeds).
@@ -138,7 +139,8 @@ def evaluate_t2i(
     GenEval's overall), ``per_prompt`` (each prompt's strict score), ``n`` (prompts) and
     ``samples_per_prompt``. ``return_samples`` adds ``samples`` (``samples[i][j]``: the grid of
     prompt ``i`` under seed ``j``, as a list) and ``sample_strict`` (its strict score), so pictures
-    and sample files show exactly what was scored.
+    and sample files show exactly what was scored. ``time_power``: the sampler's time grid
+    ``t_k = (k / K)^power`` (``dflow_trl.sampling.time_grid``).
     """
     _check_common(dataset, ("prompt", "tag", "metadata"), num_steps, seeds, batch_size)
     prompts, tags, metas = dataset["prompt"], dataset["tag"], dataset["metadata"]
@@ -148,7 +150,8 @@ def evaluate_t2i(
     sample_strict: list[list[float]] = [[] for _ in prompts]
     with _task(model, "t2i"):
         batches = _sampled_batches(
-            model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature
+            model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature,
+            time_power=time_power,
         )
         for s, canvas in batches:
             for i, grid in enumerate(canvas):
