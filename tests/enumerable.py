@@ -86,9 +86,10 @@ def all_states(vocab: int, canvas: int) -> torch.LongTensor:
 
 
 def brute_force_value_and_grad(
-    model: TableDFM, reward: torch.Tensor, num_steps: int
+    model: TableDFM, reward: torch.Tensor, num_steps: int, time_power: float = 1.0
 ) -> tuple[float, torch.Tensor]:
-    """Exact ``E[R]`` and ``∇_θ E[R]`` (shape of ``model.logits``), summing over every trajectory.
+    """Exact ``E[R]`` and ``∇_θ E[R]`` (shape of ``model.logits``), summing over every trajectory
+    on the grid ``t_k = (k / K)^time_power``.
 
     ``π_θ(y | x) = Π_d Σ_{x1} softmax(θ[x, d])_{x1} K_{h_k}(x^d → y^d | x1)`` per step (DESIGN.md §2),
     with the uniform source ``p(x_0) = V^{-D}``."""
@@ -101,7 +102,8 @@ def brute_force_value_and_grad(
     post = torch.softmax(theta, -1)  # (S, D, V)
     steps = []
     for k in range(num_steps):
-        t, h = k / num_steps, 1 / num_steps
+        t, t_next = (k / num_steps) ** time_power, ((k + 1) / num_steps) ** time_power
+        h = t_next - t
         kern = torch.tensor(
             [[[brute_kernel(path, x, y, x1, t, h) for x1 in range(v)] for y in range(v)] for x in range(v)],
             dtype=torch.float64,
