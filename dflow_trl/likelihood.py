@@ -127,8 +127,3 @@ def get_estimator(name: str, num_draws: int = 24, top_k: int = 16) -> Estimator:
     if name == "posterior_only":
         return PosteriorOnlyEstimator()
     raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
-
-
-def posterior_only_log_prob(log_post_at_source: torch.Tensor, final_canvas: torch.LongTensor) -> torch.Tensor:
-    """``log p^θ_{1|0}(x_K^d | x_0)`` per position: the diffu-GRPO/d1 per-token log-probability."""
-    return log_post_at_source.gather(-1, final_canvas.unsqueeze(-1)).squeeze(-1)

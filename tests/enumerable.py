@@ -4,7 +4,7 @@ The model's posterior ``p^θ_{1|t}(x1^d | x_t)`` is ``softmax(θ[x_t, d])``, one
 canvas state ``x_t ∈ [V]^D`` and position ``d`` (not given ``t``, as FUDOKI is not), so with
 ``V^D`` states nothing is approximate: ``E[R] = Σ_{x_0..x_K} p(x_0) Π_k π_θ(x_{k+1} | x_k) R(x_K)``
 is a finite sum over every trajectory. The brute force builds ``π_θ`` from ``tests.helpers.brute_kernel``
-(the kernel re-derived from DESIGN.md §2 with Python loops), never from the library's estimators.
+(the kernel re-derived from docs/method.md §2 with Python loops), never from the library's estimators.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def brute_force_value_and_grad(
     """Exact ``E[R]`` and ``∇_θ E[R]`` (shape of ``model.logits``), summing over every trajectory
     on the grid ``t_k = (k / K)^time_power``.
 
-    ``π_θ(y | x) = Π_d Σ_{x1} softmax(θ[x, d])_{x1} K_{h_k}(x^d → y^d | x1)`` per step (DESIGN.md §2),
+    ``π_θ(y | x) = Π_d Σ_{x1} softmax(θ[x, d])_{x1} K_{h_k}(x^d → y^d | x1)`` per step (docs/method.md §2),
     with the uniform source ``p(x_0) = V^{-D}``."""
     path, v, d = model.path, model.config.vocab, model.config.canvas
     if getattr(path, "source", "uniform") != "uniform":

@@ -23,7 +23,7 @@ def small_paths(vocab: int = V_SMALL) -> dict[str, object]:
 
 
 def brute_kernel(path, x: int, y: int, x1: int, t: float, h: float) -> float:
-    """K_h(x → y | x1) written directly from DESIGN.md §2 with Python loops (float64)."""
+    """K_h(x → y | x1) written directly from docs/method.md §2 with Python loops (float64)."""
     V = path.vocab_size
     if isinstance(path, MixturePath):
         k0, k1 = t ** path.scheduler.exponent, (t + h) ** path.scheduler.exponent

@@ -1,6 +1,6 @@
 """The interface every probability path implements.
 
-Notation (DESIGN.md §2): a canvas token ``x ∈ [V]``, time ``t ∈ [0, 1)``, step ``h > 0``, the
+Notation (docs/method.md §1–2): a canvas token ``x ∈ [V]``, time ``t ∈ [0, 1)``, step ``h > 0``, the
 path's conditional law ``p_t(x | x1)`` with source ``p_0``, and the one-step kernel given ``x1``
 
     K_h(x → y | x1) = exp(-h λ)                       if y = x

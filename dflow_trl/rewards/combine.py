@@ -5,10 +5,9 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Callable
 from typing import Any
 
-RewardFunc = Callable[..., list[float | None]]
+from . import RewardFunc
 
 
 def get_callable_name(func: Any) -> str:
