@@ -371,6 +371,8 @@ def test_branched_rollouts_reject_what_they_cannot_train(tmp_path):
 
 
 def test_inputs_that_would_be_silent_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="mask_truncated_completions"):
+        make_args(tmp_path, mask_truncated_completions=True)
     with pytest.raises(ValueError, match="cfg_scale"):
         make_args(tmp_path, cfg_scale=-1.0)
     with pytest.raises(ValueError, match="empty"):

@@ -22,7 +22,8 @@ class DFlowGRPOConfig(GRPOConfig):
     Fields that do not apply to discrete flow models: ``max_completion_length`` (set to the number
     of trained steps by the trainer, so ``dr_grpo`` normalises by it), ``top_p``, ``top_k``,
     ``min_p``, ``repetition_penalty``, ``generation_kwargs``, ``cache_implementation``,
-    ``mask_truncated_completions`` and everything ``vllm_*`` (refused: ``use_vllm=True``).
+    ``mask_truncated_completions`` (refused when True) and everything ``vllm_*`` (refused:
+    ``use_vllm=True``).
 
     Parameters:
         num_flow_steps: Euler steps K of training rollouts (paper: 8).
@@ -158,6 +159,11 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"flow_time_power must be > 0, got {self.flow_time_power}")
         if self.flow_temperature <= 0:
             errors.append(f"flow_temperature must be > 0, got {self.flow_temperature}")
+        if self.mask_truncated_completions:
+            errors.append(
+                "mask_truncated_completions=True does not apply: a denoising trajectory has no EOS, so TRL would "
+                "mark every sample truncated and train nothing; leave it False"
+            )
         if self.use_vllm:
             errors.append(
                 "use_vllm=True is not supported: vLLM has no discrete-flow sampler; rollouts run in-process"
