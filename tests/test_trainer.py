@@ -509,3 +509,25 @@ def test_time_power_grid_is_used_by_rollouts_and_scoring(tmp_path):
     logs = trainer.state.log_history[0]
     assert all(v < 1e-5 for k, v in logs.items() if k.startswith("flow/abs_log_ratio/"))
     assert 0 not in trainer._trainable_steps(4)  # the metric path's first step still cannot move
+
+
+def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path):
+    """A kill during a save leaves the newest ``checkpoint-N`` without its ``trainer_state.json``
+    (written last) and with partial files. ``resume_from_checkpoint=True`` takes the newest complete
+    one instead, with a warning; naming the incomplete one is refused with a clear error."""
+    common = dict(max_steps=4, save_strategy="steps", save_steps=2, estimator="top_k")
+    make_trainer(tmp_path / "a", **common).train()
+    out = tmp_path / "a" / "out"
+    broken = out / "checkpoint-4"
+    (broken / "trainer_state.json").unlink()
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # the save was cut off mid-file
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        make_trainer(tmp_path / "a", **common).train(resume_from_checkpoint=str(broken))
+    resumed = make_trainer(tmp_path / "a", **common)
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint.*checkpoint-4.*resuming from .*checkpoint-2"):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert (broken / "trainer_state.json").is_file()  # the resumed run saved step 4 again, completely
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        make_trainer(tmp_path / "b", **common).train(resume_from_checkpoint=True)

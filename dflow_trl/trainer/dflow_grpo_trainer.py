@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import os
+import re
 import warnings
 from typing import Any
 
@@ -27,6 +30,8 @@ import torch.utils.checkpoint
 from accelerate.utils import gather_object
 from peft import PeftModel
 from transformers import PreTrainedModel
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
@@ -158,6 +163,22 @@ class DFlowGRPOTrainer(GRPOTrainer):
         self._flow_baseline_stats: dict[int, list[float]] = {}
         # dr_grpo normalises by max_completion_length: here, the number of trained steps per rollout.
         self.max_completion_length = max(1, self._num_trained_steps(args.num_flow_steps))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the newest *complete*
+        ``checkpoint-N`` in ``output_dir`` (a run killed while saving leaves an incomplete newest one,
+        which ``Trainer`` would pick and fail on), and a given checkpoint folder is checked first."""
+        if resume_from_checkpoint is True or (
+            isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "latest")
+        ):
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, str) and not _is_complete_checkpoint(resume_from_checkpoint):
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}, which is "
+                "written last): it was probably interrupted while saving; resume from an earlier one, or pass "
+                "resume_from_checkpoint=True to pick the newest complete one"
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ---- steps ------------------------------------------------------------------------------------
     def _flow_model(self) -> Any:
@@ -456,6 +477,41 @@ class DFlowGRPOTrainer(GRPOTrainer):
             self._flow_last_images = []
             if self.accelerator.is_main_process:
                 _log_images(self, images[: self.args.log_sample_images])
+
+
+def _is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    """``Trainer`` writes ``trainer_state.json`` after the weights, optimizer and RNG state."""
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME)) as f:
+            json.load(f)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
+    """The newest ``checkpoint-N`` folder of ``output_dir`` whose save finished; warns about newer,
+    incomplete ones it skips."""
+    found = []
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    skipped = []
+    for _, folder in sorted(found, reverse=True):
+        if _is_complete_checkpoint(folder):
+            if skipped:
+                warnings.warn(
+                    f"skipping incomplete checkpoint(s) {skipped} (interrupted while saving); resuming from {folder}",
+                    stacklevel=3,
+                )
+            return folder
+        skipped.append(os.path.basename(folder))
+    raise ValueError(
+        f"no complete checkpoint in {output_dir} to resume from"
+        + (f" (incomplete: {skipped}; a save is complete once {TRAINER_STATE_NAME} is written)" if skipped else "")
+    )
 
 
 def _check_dataset(name: str, dataset: Any) -> None:
