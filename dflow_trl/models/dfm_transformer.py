@@ -18,6 +18,7 @@ Llama's names, so LoRA recipes written for FUDOKI apply unchanged.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -294,7 +295,16 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
                 f"DFMTransformer expects plain-text prompts, got {bad[0]}; conversational prompts are not supported"
             )
         n = self.config.max_prompt_length
-        rows = [processing_class(t, add_special_tokens=False)["input_ids"][-n:] for t in texts]
+        full = [processing_class(t, add_special_tokens=False)["input_ids"] for t in texts]
+        long = [(t, len(r)) for t, r in zip(texts, full) if len(r) > n]
+        if long:
+            warnings.warn(
+                f"{len(long)} of {len(texts)} prompts are longer than the model's max_prompt_length={n} tokens and "
+                f"keep only their last {n} (e.g. {long[0][0]!r}: {long[0][1]} tokens); shorten them, or use a model "
+                "built with a larger max_prompt_length",
+                stacklevel=3,
+            )
+        rows = [r[-n:] for r in full]
         out = torch.full((len(rows), n), self.config.pad_token_id, dtype=torch.long)
         for i, r in enumerate(rows):
             if r:
