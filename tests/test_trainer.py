@@ -531,3 +531,13 @@ def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path):
     assert (broken / "trainer_state.json").is_file()  # the resumed run saved step 4 again, completely
     with pytest.raises(ValueError, match="no complete checkpoint"):
         make_trainer(tmp_path / "b", **common).train(resume_from_checkpoint=True)
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    from dflow_trl.models.loading import load_flow_model
+
+    tiny_model("uniform").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(OSError, match=r"model\.safetensors.*corrupt or truncated"):
+        load_flow_model(str(tmp_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -31,15 +32,30 @@ def load_flow_model(path: str, quantization_config: Any = None, **kwargs: Any) -
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if kind == DFMTransformerConfig.model_type:
-        return DFMTransformer.from_pretrained(path, **kwargs)
+        return _named_weight_errors(path, DFMTransformer.from_pretrained, **kwargs)
     if kind in ("multi_modality", "janus"):  # FUDOKI's own layout, or one saved by FudokiForFlow
         from .fudoki import FudokiForFlow
 
-        return FudokiForFlow.from_pretrained(path, **kwargs)
+        return _named_weight_errors(path, FudokiForFlow.from_pretrained, **kwargs)
     raise ValueError(
         f"{path!r} holds a {kind!r} model, which is not a discrete flow model dflow-trl knows; "
         "expected 'dfm_transformer' or FUDOKI's 'multi_modality'"
     )
+
+
+def _named_weight_errors(path: str, load: Any, **kwargs: Any) -> Any:
+    """``load(path)``, with a corrupt or truncated weights file named: safetensors' own error names
+    no file (``Error while deserializing header: ...``)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load(path, **kwargs)
+    except SafetensorError as err:
+        files = sorted(str(p) for p in Path(path).glob("*.safetensors")) if Path(path).is_dir() else [path]
+        raise OSError(
+            f"cannot read the weights of {path!r} ({', '.join(files) or 'no .safetensors file'}): {err}. The file is "
+            "corrupt or truncated (e.g. an interrupted save or download); save or copy it again"
+        ) from err
 
 
 def load_processing_class(path: str) -> Any:
