@@ -121,18 +121,27 @@ def main() -> None:
     rows = []
     for steps in a.steps:
         for ckpt in (False, True):
-            cmd = [sys.executable, __file__, "--one", str(steps), "1" if ckpt else "0", "--batch", str(a.batch),
-                   "--hidden", str(a.hidden), "--layers", str(a.layers), "--reps", str(a.reps)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            cmd = [
+                sys.executable, __file__, "--one", str(steps), "1" if ckpt else "0", "--batch", str(a.batch),
+                "--hidden", str(a.hidden), "--layers", str(a.layers), "--reps", str(a.reps),
+            ]  # fmt: skip
+            out = (
+                subprocess.run(cmd, capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             rows.append(json.loads(out))
             print(out, flush=True)
     base = {r["step_checkpointing"]: r for r in rows if r["T"] == min(a.steps)}
-    lines = ["| T | step_checkpointing | saved MB | peak MB | × T=min peak | s per micro-batch | × floor |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| T | step_checkpointing | saved MB | peak MB | × T=min peak | s per micro-batch | × floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ratio = r["peak_MB"] / max(base[r["step_checkpointing"]]["peak_MB"], 1e-9)
-        lines.append(
-            f"| {r['T']} | {r['step_checkpointing']} | {r['saved_MB']} | {r['peak_MB']} | {ratio:.2f} | {r['seconds']} | {r['floor_ratio']} |"
-        )
+        cells = [r["T"], r["step_checkpointing"], r["saved_MB"], r["peak_MB"], f"{ratio:.2f}"]
+        cells += [r["seconds"], r["floor_ratio"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     print("\n".join(lines))
     if a.json:
         with open(a.json, "w") as f:
