@@ -107,7 +107,7 @@ def generate(
     if seed is not None:
         gen = torch.Generator(device=batch.input_ids.device).manual_seed(seed)
     traj = rollout(
-        model, batch, base.get_probability_path(), num_steps, cfg_scale, temperature, generator=gen, chunk_size=chunk_size,
-        time_power=time_power,
+        model, batch, base.get_probability_path(), num_steps, cfg_scale, temperature, generator=gen,
+        chunk_size=chunk_size, time_power=time_power,
     )
     return traj.final, base.decode_canvas(traj.final, processing_class)

@@ -91,8 +91,10 @@ def test_recorded_greedy_canvas_is_the_posterior_argmax_at_x_k(name, branched):
     fn = _logits_fn(d)
     branch = torch.tensor([1] * 4 + [2] * 4) if branched else None
     kwargs = dict(num_steps=4, branch_steps=branch, group_size=g)
-    traj = sample_trajectory(path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), record_greedy=True, **kwargs)
-    plain = sample_trajectory(path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), **kwargs)
+    def roll(**extra):
+        return sample_trajectory(path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), **kwargs, **extra)
+
+    traj, plain = roll(record_greedy=True), roll()
     assert plain.greedy is None and torch.equal(plain.states, traj.states)
     assert traj.greedy.shape == (b, 4, d)
     for k in range(4):

@@ -160,7 +160,8 @@ def test_an_over_long_prompt_warns_and_keeps_its_last_tokens():
     model, tok = tiny_model("uniform"), tiny_tokenizer()
     n = model.config.max_prompt_length
     long = " ".join(["a", "red", "square", "of", "a", "blue", "circle"])
-    with pytest.warns(UserWarning, match=rf"1 of 2 prompts are longer than the model's max_prompt_length={n}"):
+    expected = rf"1 of 2 prompts are longer than the model's max_prompt_length={n} "
+    with pytest.warns(UserWarning, match=expected):
         batch = model.prepare_flow_inputs([long, "a red square"], tok)
     kept = tok(long, add_special_tokens=False)["input_ids"][-n:]
     assert batch.input_ids[0, :n].tolist() == kept

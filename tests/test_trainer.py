@@ -396,7 +396,8 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
     """Step k's advantage is TRL's minus ``c_k (b_k − mean_G b_k) / σ`` with ``b_k`` the reward of the
     posterior's argmax at x_k, and ``c_k = 1`` on the first batch (no earlier batch to fit it on)."""
     trainer = make_trainer(
-        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale, per_device_train_batch_size=8, max_steps=2
+        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale, per_device_train_batch_size=8,
+        max_steps=2,
     )
     seen = []
     original = trainer._step_advantages
@@ -470,11 +471,16 @@ def _loss_gradients(trainer, inputs) -> tuple[torch.Tensor, int]:
     return grads, sum(seen.values())
 
 
-@pytest.mark.parametrize(("peft", "cfg"), [(None, 0.0), (LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), 2.0)])
+_LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize(("peft", "cfg"), [(None, 0.0), (_LORA, 2.0)])
 def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, peft, cfg):
     """Same rollouts, same loss: identical gradients; the graph kept for backward no longer grows
     with the number of trained steps (only each step's (B,) log-probability is kept)."""
-    trainer = make_trainer(tmp_path, path="uniform", estimator="top_k", peft=peft, cfg_scale=cfg, train_steps="all")
+    trainer = make_trainer(
+        tmp_path, path="uniform", estimator="top_k", peft=peft, cfg_scale=cfg, train_steps="all"
+    )
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     inputs = trainer._generate_and_score_completions([{"prompt": p} for p in ["a red square"] * 4])
@@ -525,7 +531,7 @@ def test_resume_skips_a_checkpoint_interrupted_while_saving(tmp_path):
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         make_trainer(tmp_path / "a", **common).train(resume_from_checkpoint=str(broken))
     resumed = make_trainer(tmp_path / "a", **common)
-    with pytest.warns(UserWarning, match="skipping incomplete checkpoint.*checkpoint-4.*resuming from .*checkpoint-2"):
+    with pytest.warns(UserWarning, match="skipping incomplete.*checkpoint-4.*resuming from .*checkpoint-2"):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4
     assert (broken / "trainer_state.json").is_file()  # the resumed run saved step 4 again, completely

@@ -299,9 +299,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         long = [(t, len(r)) for t, r in zip(texts, full) if len(r) > n]
         if long:
             warnings.warn(
-                f"{len(long)} of {len(texts)} prompts are longer than the model's max_prompt_length={n} tokens and "
-                f"keep only their last {n} (e.g. {long[0][0]!r}: {long[0][1]} tokens); shorten them, or use a model "
-                "built with a larger max_prompt_length",
+                f"{len(long)} of {len(texts)} prompts are longer than the model's max_prompt_length={n} "
+                f"tokens and keep only their last {n} (e.g. {long[0][0]!r}: {long[0][1]} tokens); shorten "
+                "them, or use a model built with a larger max_prompt_length",
                 stacklevel=3,
             )
         rows = [r[-n:] for r in full]

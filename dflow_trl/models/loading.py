@@ -53,8 +53,8 @@ def _named_weight_errors(path: str, load: Any, **kwargs: Any) -> Any:
     except SafetensorError as err:
         files = sorted(str(p) for p in Path(path).glob("*.safetensors")) if Path(path).is_dir() else [path]
         raise OSError(
-            f"cannot read the weights of {path!r} ({', '.join(files) or 'no .safetensors file'}): {err}. The file is "
-            "corrupt or truncated (e.g. an interrupted save or download); save or copy it again"
+            f"cannot read the weights of {path!r} ({', '.join(files) or 'no .safetensors file'}): {err}. "
+            "The file is corrupt or truncated (e.g. an interrupted save or download); save or copy it again"
         ) from err
 
 

@@ -99,12 +99,12 @@ class DFlowGRPOConfig(GRPOConfig):
     )
     step_baseline: str = field(
         default="none",
-        metadata={"help": "Per-step advantage baseline: none, or greedy (reward of the posterior's argmax at x_k).",
+        metadata={"help": "Per-step advantage baseline: none, or greedy (reward of the posterior's argmax).",
                   "choices": ["none", "greedy"]},
     )
     step_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute each trained step's forward during backward: memory flat in the number of steps."},
+        metadata={"help": "Recompute each trained step's forward in backward: memory flat in trained steps."},
     )
     num_train_steps_per_rollout: int | None = field(
         default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}
@@ -116,7 +116,7 @@ class DFlowGRPOConfig(GRPOConfig):
     cfg_scale_eval: float = field(default=0.0, metadata={"help": "CFG scale of evaluation rollouts."})
     flow_time_power: float = field(
         default=1.0,
-        metadata={"help": "Time grid t_k = (k/K)^power of training and evaluation rollouts (1: uniform, FUDOKI's)."},
+        metadata={"help": "Time grid t_k = (k/K)^power of all rollouts (1: uniform, FUDOKI's)."},
     )
     flow_temperature: float = field(default=1.0, metadata={"help": "Temperature of the rollout posterior."})
     rollout_batch_size: int | None = field(
@@ -142,9 +142,13 @@ class DFlowGRPOConfig(GRPOConfig):
         if self.step_baseline not in ("none", "greedy"):
             errors.append(f"step_baseline must be 'none' or 'greedy', got {self.step_baseline!r}")
         if self.step_baseline != "none" and self.estimator == "posterior_only":
-            errors.append("step_baseline needs per-step scores; posterior_only scores the final sample once: use another estimator")
+            errors.append(
+                "step_baseline needs per-step scores; posterior_only scores the final sample once: use another estimator"
+            )
         if self.step_baseline != "none" and self.multi_objective_aggregation != "sum_then_normalize":
-            errors.append("step_baseline works on summed rewards: set multi_objective_aggregation='sum_then_normalize'")
+            errors.append(
+                "step_baseline works on summed rewards: set multi_objective_aggregation='sum_then_normalize'"
+            )
         if self.num_train_steps_per_rollout is not None and self.num_train_steps_per_rollout < 1:
             errors.append("num_train_steps_per_rollout must be >= 1 or None")
         if self.rollout_branching and self.estimator == "posterior_only":
@@ -161,8 +165,8 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"flow_temperature must be > 0, got {self.flow_temperature}")
         if self.mask_truncated_completions:
             errors.append(
-                "mask_truncated_completions=True does not apply: a denoising trajectory has no EOS, so TRL would "
-                "mark every sample truncated and train nothing; leave it False"
+                "mask_truncated_completions=True does not apply: a denoising trajectory has no EOS, so TRL "
+                "would mark every sample truncated and train nothing; leave it False"
             )
         if self.use_vllm:
             errors.append(

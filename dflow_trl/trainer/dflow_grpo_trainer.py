@@ -114,9 +114,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
         if reward_funcs is None:
             raise ValueError("reward_funcs is required: pass one or more reward functions")
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-        # A registry name or "pkg.module:func" is ours to resolve; TRL would take any string as a Hub
-        # reward-model id and try the network. Other strings (Hub ids, local model folders) go to TRL.
-        funcs = [get_reward_function(f) if isinstance(f, str) and (f in REWARD_REGISTRY or ":" in f) else f for f in funcs]
+        funcs = [_resolve_reward(f) for f in funcs]
         funcs = [checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
         if peft_config is not None and getattr(peft_config, "task_type", None) is not None:
             # Task-typed PEFT wrappers (e.g. CAUSAL_LM) assume generate()/labels; a DFM needs the plain wrapper.
@@ -174,9 +172,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         elif isinstance(resume_from_checkpoint, str) and not _is_complete_checkpoint(resume_from_checkpoint):
             raise ValueError(
-                f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}, which is "
-                "written last): it was probably interrupted while saving; resume from an earlier one, or pass "
-                "resume_from_checkpoint=True to pick the newest complete one"
+                f"{resume_from_checkpoint} is not a complete checkpoint (no readable {TRAINER_STATE_NAME}, "
+                "which is written last): it was probably interrupted while saving; resume from an earlier "
+                "one, or pass resume_from_checkpoint=True to pick the newest complete one"
             )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
@@ -296,8 +294,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
         if bool(torch.isnan(self._flow_rewards).all()):
             # TRL zeroes such advantages: the step trains nothing, which would otherwise pass unnoticed.
             warnings.warn(
-                f"every reward function returned None for all {self._flow_rewards.shape[0]} samples of this batch: "
-                "the step carries no learning signal (check the rewards' inputs, e.g. dataset columns they need)",
+                f"every reward function returned None for all {self._flow_rewards.shape[0]} samples of this "
+                "batch: the step carries no learning signal (check the rewards' inputs, e.g. dataset columns "
+                "they need)",
                 stacklevel=2,
             )
         return self._flow_rewards
@@ -337,7 +336,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
         elif self.scale_rewards == "batch":
             spread = nanstd(rewards).expand_as(rewards)
         sigma = spread + 1e-4 if self.scale_rewards != "none" else spread
-        local = slice(self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts))
+        rank = self.accelerator.process_index
+        local = slice(rank * len(prompts), (rank + 1) * len(prompts))
         mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g)
         expected = ((rewards - mean) / sigma).nan_to_num(0.0)[local]
         if not torch.allclose(expected, advantages, atol=1e-5, rtol=1e-4):
@@ -407,7 +407,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 )
                 t, h = float(times[k]), float(times[k + 1] - times[k])
                 t_in = 0.0 if posterior_only else t
-                score = functools.partial(self._score_step, model, batch, record, t, h, t_in, cfg, compute_entropy)
+                score = functools.partial(
+                    self._score_step, model, batch, record, t, h, t_in, cfg, compute_entropy
+                )
                 if self.args.step_checkpointing and torch.is_grad_enabled():
                     # Keep only this step's (B,) log-probability for the loss; its forward is recomputed
                     # during backward, so memory does not grow with the number of trained steps.
@@ -479,6 +481,14 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 _log_images(self, images[: self.args.log_sample_images])
 
 
+def _resolve_reward(func: Any) -> Any:
+    """A registry name or ``"pkg.module:func"`` is ours to resolve; TRL would take any string as a Hub
+    reward-model id and try the network. Other strings (Hub ids, local model folders) go to TRL."""
+    if isinstance(func, str) and (func in REWARD_REGISTRY or ":" in func):
+        return get_reward_function(func)
+    return func
+
+
 def _is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     """``Trainer`` writes ``trainer_state.json`` after the weights, optimizer and RNG state."""
     try:
@@ -503,15 +513,14 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
         if _is_complete_checkpoint(folder):
             if skipped:
                 warnings.warn(
-                    f"skipping incomplete checkpoint(s) {skipped} (interrupted while saving); resuming from {folder}",
+                    f"skipping incomplete checkpoint(s) {skipped} (interrupted while saving); "
+                    f"resuming from {folder}",
                     stacklevel=3,
                 )
             return folder
         skipped.append(os.path.basename(folder))
-    raise ValueError(
-        f"no complete checkpoint in {output_dir} to resume from"
-        + (f" (incomplete: {skipped}; a save is complete once {TRAINER_STATE_NAME} is written)" if skipped else "")
-    )
+    detail = f" (incomplete: {skipped}; a save is complete once {TRAINER_STATE_NAME} is written)" if skipped else ""
+    raise ValueError(f"no complete checkpoint in {output_dir} to resume from{detail}")
 
 
 def _check_dataset(name: str, dataset: Any) -> None:

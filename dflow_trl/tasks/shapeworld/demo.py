@@ -308,8 +308,8 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     task = args.task
     cfg = dict(DEMO_DEFAULTS[task])
     overridable = (
-        "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline", "time_power",
-        "eval_per_tag", "eval_steps", "eval_samples",
+        "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline",
+        "time_power", "eval_per_tag", "eval_steps", "eval_samples",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:

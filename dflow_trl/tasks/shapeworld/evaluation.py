@@ -150,8 +150,8 @@ def evaluate_t2i(
     sample_strict: list[list[float]] = [[] for _ in prompts]
     with _task(model, "t2i"):
         batches = _sampled_batches(
-            model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale, temperature=temperature,
-            time_power=time_power,
+            model, tokenizer, prompts, seeds, batch_size, num_steps=num_steps, cfg_scale=cfg_scale,
+            temperature=temperature, time_power=time_power,
         )
         for s, canvas in batches:
             for i, grid in enumerate(canvas):
