@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-step advantage baseline (DFlowGRPOConfig.step_baseline)",
     )
     ap.add_argument(
+        "--reward", default=None,
+        help="training reward (t2i: shapeworld_partial or shapeworld_strict; any registered reward name)",
+    )
+    ap.add_argument(
         "--time-power", type=float, default=None,
         help="time grid t_k = (k/K)^power of rollouts and evaluation (t2i; DFlowGRPOConfig.flow_time_power)",
     )
@@ -309,7 +313,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     cfg = dict(DEMO_DEFAULTS[task])
     overridable = (
         "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline",
-        "time_power", "eval_per_tag", "eval_steps", "eval_samples",
+        "time_power", "reward", "eval_per_tag", "eval_steps", "eval_samples",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:
