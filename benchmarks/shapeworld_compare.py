@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)")
     ap.add_argument("--eval-samples", type=int, default=None, help="heldout: samples per prompt (default: the demo's)")
     ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation (default: the demo's)")
+    ap.add_argument("--time-power", type=float, default=None, help="heldout: time grid power (default: the demo's)")
     ap.add_argument("--prompts", nargs="+", default=list(HALF_SOLVED), help="prompt: training prompts")
     ap.add_argument("--probe-samples", type=int, default=64, help="prompt: samples scored before and after")
     ap.add_argument("--learning-rate", type=float, default=None, help="prompt: LoRA learning rate (default: the demo's)")
@@ -80,7 +81,10 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     bases: dict[int, dict] = {}
     for seed in a.seeds:
         for est in a.estimators:
-            overrides = {"--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples, "--eval-steps": a.eval_steps}
+            overrides = {
+                "--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples, "--eval-steps": a.eval_steps,
+                "--time-power": a.time_power,
+            }  # fmt: skip
             estimator, _, baseline = est.partition("+")
             args = build_parser().parse_args([
                 "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", estimator, "--seed", str(seed),
