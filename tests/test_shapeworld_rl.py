@@ -34,6 +34,7 @@ def test_short_lora_run_raises_the_training_reward(tmp_path):
     # The uniform grid, for rollouts and scoring alike. On the demo's power-3 grid the same run went
     # 0.531 -> 0.572 (seed 0): a gain too close to the noise to test against.
     cfg["time_power"] = grid = 1.0
+    cfg["reward"] = "shapeworld_partial"  # the dense reward this run was measured with
     before = evaluate_t2i(model, tok, probe, num_steps=8, seeds=(123,), time_power=grid)["partial"]
     trainer = build_trainer(model, tok, Dataset.from_list([row] * 16), cfg, tmp_path / "out", seed=0)
     trainer.train()
