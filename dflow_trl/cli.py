@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,15 @@ def resolve_model_path(name: str | None) -> str:
     return name
 
 
+def _module_list(targets: Any) -> Any:
+    """``lora_target_modules: q_proj`` in a YAML recipe is a string, which PEFT reads as a regex that
+    must match a module's *full* name, so it finds nothing; a plain module name becomes ``[name]``.
+    ``all-linear`` and strings with regex syntax are left to PEFT."""
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w\-]+", targets):
+        return [targets]
+    return targets
+
+
 def train(argv: list[str] | None = None) -> int:
     """``dflow-trl train``: the GRPO script of TRL, for discrete flow models."""
     from trl import get_peft_config, get_quantization_config
@@ -91,6 +101,7 @@ def train(argv: list[str] | None = None) -> int:
     from .trainer import DFlowGRPOTrainer
 
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    model_args.lora_target_modules = _module_list(model_args.lora_target_modules)
     path = resolve_model_path(model_args.model_name_or_path)
     kwargs: dict[str, Any] = dict(training_args.model_init_kwargs or {})
     if model_args.dtype not in (None, "auto", "float32"):
