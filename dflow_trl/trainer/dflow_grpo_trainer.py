@@ -315,6 +315,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
         stats[0] = decay * stats[0] + (advantages * shift).sum().item()
         stats[1] = decay * stats[1] + shift.pow(2).sum().item()
         return coef
+
     def _summed(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
         """TRL's weighted sum over reward functions, NaN where every function returned None."""
         summed = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
@@ -339,18 +340,17 @@ class DFlowGRPOTrainer(GRPOTrainer):
         rank = self.accelerator.process_index
         local = slice(rank * len(prompts), (rank + 1) * len(prompts))
         mean = torch.nanmean(rewards.view(-1, g), dim=1).repeat_interleave(g)
-        expected = ((rewards - mean) / sigma).nan_to_num(0.0)[local]
-        if not torch.allclose(expected, advantages, atol=1e-5, rtol=1e-4):
+        full = ((rewards - mean) / sigma).nan_to_num(0.0)
+        if not torch.allclose(full[local], advantages, atol=1e-5, rtol=1e-4):
             raise RuntimeError(
                 "step_baseline: TRL's advantages no longer equal (R − group mean) / σ; the installed TRL "
-                "changed its normalisation (see docs/trainer.md, 'Upgrading TRL')"
+                "changed its normalisation: use the TRL version pyproject.toml pins"
             )
         # Where TRL's σ is 0 the group carries no reward signal and TRL trains nothing on it; a baseline
         # shift divided by σ + 1e-4 would only add (huge) zero-mean noise there.
         silent = torch.isclose(spread, torch.zeros_like(spread)) | torch.isnan(rewards)
         flow_model = self._flow_model()
         out = advantages.unsqueeze(1).repeat(1, step_index.shape[1])
-        full = ((rewards - mean) / sigma).nan_to_num(0.0)
         for k in step_index.unique().tolist():
             canvas = greedy[:, k]
             completions = flow_model.decode_canvas(canvas, self.processing_class)
