@@ -48,7 +48,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         reward="shapeworld_strict",
         lora_r=16,
         # About 10 s a step on 2 CPU cores: 12 steps keep the whole demo, both evaluations
-        # included, at about 4 minutes (251 s on a fresh clone). The budget is a safety net only.
+        # included, at about 4 minutes (217–251 s on a fresh clone). The budget is a safety net only.
         train_minutes=6.0,
         max_steps=12,
     ),
