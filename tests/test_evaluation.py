@@ -17,7 +17,13 @@ from dflow_trl.tasks.shapeworld import (
     make_vqa_dataset,
     palette_embeddings,
 )
-from dflow_trl.tasks.shapeworld.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
+from dflow_trl.tasks.shapeworld.evaluation import (
+    balanced_t2i_eval_set,
+    evaluate_t2i,
+    evaluate_vqa,
+    standard_error,
+    stratified_standard_error,
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +98,28 @@ def test_evaluation_rejects_bad_input(model, tokenizer):
         evaluate_t2i(model, tokenizer, ds, seeds=())
     with pytest.raises(ValueError, match="empty"):
         evaluate_vqa(model, tokenizer, make_vqa_dataset("test", n=4).select([]))
+
+
+def test_stratified_standard_error_matches_the_spread_of_resampled_means():
+    """Redraw every category's values with the categories' sizes fixed: the spread of the overall
+    mean is the stratified SE, and the pooled SE (which counts the gap between categories) is
+    larger by a wide margin."""
+    rng = torch.Generator().manual_seed(0)
+    probs, sizes = [0.98, 0.5, 0.02], [20, 20, 20]
+    strata = [c for c, n in enumerate(sizes) for _ in range(n)]
+
+    def draw() -> list[float]:
+        return [float(torch.rand((), generator=rng) < probs[c]) for c in strata]
+
+    means = torch.tensor([sum(v) / len(v) for v in (draw() for _ in range(4000))])
+    values = draw()
+    strat = stratified_standard_error(values, [str(c) for c in strata])
+    truth = sum((n / 60) ** 2 * p * (1 - p) / n for p, n in zip(probs, sizes)) ** 0.5
+    assert means.std().item() == pytest.approx(truth, rel=0.06)
+    assert strat == pytest.approx(truth, rel=0.35)
+    assert standard_error(values) > 1.3 * truth
+    # One stratum is the plain standard error; one value per stratum adds nothing.
+    assert stratified_standard_error(values, ["a"] * 60) == pytest.approx(standard_error(values))
+    assert stratified_standard_error([0.0, 1.0], ["a", "b"]) == 0.0
+    with pytest.raises(ValueError, match="strata"):
+        stratified_standard_error([1.0], [])

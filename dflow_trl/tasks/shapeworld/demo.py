@@ -309,7 +309,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     import torch
 
     from .datasets import make_vqa_dataset
-    from .evaluation import balanced_t2i_eval_set, standard_error
+    from .evaluation import balanced_t2i_eval_set, standard_error, stratified_standard_error
     from .pretrained import load_shapeworld_model
 
     task = args.task
@@ -382,7 +382,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         "final_se": final[headline + "_se"],
         "improvement": final[headline] - base[headline],
         # Paired over the same prompts and noise: the standard error that the improvement itself has.
-        "improvement_se": standard_error(diffs),
+        "improvement_se": stratified_standard_error(diffs, eval_data["tag"]) if task == "t2i" else standard_error(diffs),
         "samples_per_prompt": cfg["eval_samples"],
         "base": base,
         "final": final,

@@ -23,7 +23,7 @@ from .prompts import TAGS
 from .scoring import score_t2i
 from .tokenizer import decode_answer, normalize_answer
 
-__all__ = ["balanced_t2i_eval_set", "evaluate_t2i", "evaluate_vqa", "standard_error"]
+__all__ = ["balanced_t2i_eval_set", "evaluate_t2i", "evaluate_vqa", "standard_error", "stratified_standard_error"]
 
 
 def balanced_t2i_eval_set(split: str = "test", per_tag: int = 10, seed: int = 0) -> Dataset:
@@ -117,6 +117,23 @@ def standard_error(values: Sequence[float]) -> float:
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
 
+def stratified_standard_error(values: Sequence[float], strata: Sequence[str]) -> float:
+    """Standard error of the mean of ``values`` when each stratum's share of them is fixed by design.
+
+    With n_c values in stratum c (variance s_c², N in all) the mean is Σ_c (n_c/N) m_c, so
+    SE = √(Σ_c (n_c/N)² s_c²/n_c). A balanced evaluation set fixes how many prompts each category
+    has, so how the categories differ from each other is not sampling noise, and
+    :func:`standard_error` (which counts it) overstates the error; a stratum of one value adds 0.
+    """
+    if len(values) != len(strata):
+        raise ValueError(f"got {len(values)} values but {len(strata)} strata")
+    groups: dict[str, list[float]] = defaultdict(list)
+    for v, c in zip(values, strata):
+        groups[c].append(v)
+    n = len(values)
+    return sum((len(g) / n) ** 2 * standard_error(g) ** 2 for g in groups.values()) ** 0.5
+
+
 def evaluate_t2i(
     model: Any,
     tokenizer: Any,
@@ -133,8 +150,9 @@ def evaluate_t2i(
     one sample per prompt and seed (GenEval draws 4 per prompt: pass 4 seeds).
 
     Returns ``strict`` and ``partial`` (mean over prompts, each prompt averaged over ``seeds``),
-    ``strict_se`` / ``partial_se`` (their standard errors over prompts: the spread of per-prompt
-    means, which holds both the sampling noise and how prompts differ), ``per_category`` /
+    ``strict_se`` / ``partial_se`` (their standard errors over prompts within each category,
+    :func:`stratified_standard_error`: the spread of per-prompt means holds both the sampling noise
+    and how prompts of a category differ; the categories' shares are fixed by the dataset), ``per_category`` /
     ``per_category_partial`` (means per tag), ``geneval`` (mean of the per-category strict scores,
     GenEval's overall), ``per_prompt`` (each prompt's strict score), ``n`` (prompts) and
     ``samples_per_prompt``. ``return_samples`` adds ``samples`` (``samples[i][j]``: the grid of
@@ -165,9 +183,9 @@ def evaluate_t2i(
     extra = {"samples": samples, "sample_strict": sample_strict} if return_samples else {}
     return {
         "strict": sum(strict) / len(strict),
-        "strict_se": standard_error(strict),
+        "strict_se": stratified_standard_error(strict, tags),
         "partial": sum(partial) / len(partial),
-        "partial_se": standard_error(partial),
+        "partial_se": stratified_standard_error(partial, tags),
         "geneval": sum(per_category.values()) / len(per_category),
         "per_category": per_category,
         "per_category_partial": _mean_by(tags, partial),
