@@ -187,7 +187,7 @@ def build_tokenizer() -> Any:
 def build_model(shape: Shape, tokenizer: Any, device: torch.device, dtype: torch.dtype, seed: int) -> Any:
     """``FudokiForFlow`` with random weights, built directly on ``device`` in ``dtype``."""
     from dflow_trl.models import FudokiForFlow
-    from dflow_trl.models.fudoki_checkpoint import janus_config_from_fudoki
+    from dflow_trl.models.fudoki.checkpoint import janus_config_from_fudoki
 
     vocab = tokenizer.get_vocab()
     ids = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}

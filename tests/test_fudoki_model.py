@@ -11,12 +11,12 @@ import torch
 
 from dflow_trl.models.base import check_flow_model
 from dflow_trl.models.fudoki import FudokiForFlow
-from dflow_trl.models.fudoki_checkpoint import (
+from dflow_trl.models.fudoki.checkpoint import (
     FudokiCheckpointError,
     is_fudoki_checkpoint,
     load_path_embedding,
 )
-from dflow_trl.models.fudoki_layout import DEFAULT_SYSTEM_PROMPT
+from dflow_trl.models.fudoki.layout import DEFAULT_SYSTEM_PROMPT
 
 from .fudoki_fixtures import (
     NUM_IMAGE_TOKENS,

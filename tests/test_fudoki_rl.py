@@ -15,7 +15,7 @@ from PIL import Image
 
 from dflow_trl import DFlowGRPOConfig, DFlowGRPOTrainer
 from dflow_trl.models import FudokiForFlow, load_processing_class
-from dflow_trl.models.fudoki_checkpoint import load_tokenizer
+from dflow_trl.models.fudoki.checkpoint import load_tokenizer
 
 from .fudoki_fixtures import write_tiny_fudoki_checkpoint
 

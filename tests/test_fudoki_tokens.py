@@ -24,12 +24,12 @@ import pytest
 import torch
 
 from dflow_trl.models.fudoki import FudokiForFlow
-from dflow_trl.models.fudoki_checkpoint import (
+from dflow_trl.models.fudoki.checkpoint import (
     janus_config_from_fudoki,
     load_path_embedding,
     load_tokenizer,
 )
-from dflow_trl.models.fudoki_layout import FUDOKI_UNCOND_TOKEN_ID
+from dflow_trl.models.fudoki.layout import FUDOKI_UNCOND_TOKEN_ID
 
 from .fudoki_fixtures import (
     BOI,
@@ -224,8 +224,8 @@ def test_the_uncond_id_is_saved_with_the_config(tmp_path: Path) -> None:
 
 # ---- attach: a model built in memory --------------------------------------------------------------
 def _in_memory(folder: Path) -> tuple[FudokiForFlow, object]:
-    from dflow_trl.models.fudoki import _token_ids
-    from dflow_trl.models.fudoki_checkpoint import read_config
+    from dflow_trl.models.fudoki.checkpoint import read_config
+    from dflow_trl.models.fudoki.modeling import _token_ids
 
     tok = load_tokenizer(folder)
     model = FudokiForFlow._from_config(janus_config_from_fudoki(read_config(folder), _token_ids(tok)))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dflow_trl.paths import MetricInducedPath, MixturePath
+from dflow_trl.paths import MetricInducedPath, MixturePath, build_path
 
 from .helpers import V_SMALL, brute_kernel, brute_step_prob, random_posterior, small_paths
 
@@ -157,3 +157,20 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="source"):
         MixturePath(5, source="gaussian")
     assert math.isfinite(float(mask.step_log_prob(probs, x, x, 0.2, 0.1).sum()))
+
+
+def test_build_path_reads_every_spec_kind_and_names_bad_ones():
+    emb = torch.eye(3).tolist()
+    metric = build_path({"type": "metric", "embeddings": emb, "c": 2.0, "a": 1.0}, 3, None)
+    assert isinstance(metric, MetricInducedPath) and metric.vocab_size == 3
+    masked = build_path({"type": "mask", "exponent": 2.0}, 4, 3)
+    assert isinstance(masked, MixturePath) and masked.source == "mask" and masked.mask_token_id == 3
+    t = torch.tensor([0.5])
+    assert torch.allclose(masked.scheduler.kappa(t), t**2)
+    assert build_path({"type": "uniform"}, 4, 3).mask_token_id is None
+    with pytest.raises(ValueError, match="needs 'embeddings'"):
+        build_path({"type": "metric"}, 3, None)
+    with pytest.raises(ValueError, match="4 rows"):
+        build_path({"type": "metric", "embeddings": torch.eye(4).tolist()}, 3, None)
+    with pytest.raises(ValueError, match="unknown path type 'gaussian'"):
+        build_path({"type": "gaussian"}, 3, None)

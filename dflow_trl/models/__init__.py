@@ -1,16 +1,16 @@
 """Discrete flow models: the trainer's interface and the models that implement it."""
 
 from .base import DiscreteFlowModelMixin, FlowInputs, check_flow_model
-from .dfm_transformer import DFMTransformer, DFMTransformerConfig, build_path
+from .dfm_transformer import DFMTransformer, DFMTransformerConfig
 from .loading import load_flow_model, load_processing_class
 
 
 def __getattr__(name: str):
     # FUDOKI pulls in transformers' Janus classes: import it only when asked for.
     if name in ("FudokiForFlow", "FudokiCheckpointError", "is_fudoki_checkpoint"):
-        from . import fudoki, fudoki_checkpoint
+        from . import fudoki
 
-        return getattr(fudoki, name, None) or getattr(fudoki_checkpoint, name)
+        return getattr(fudoki, name)
     raise AttributeError(name)
 
 
@@ -21,7 +21,6 @@ __all__ = [
     "FlowInputs",
     "FudokiCheckpointError",
     "FudokiForFlow",
-    "build_path",
     "check_flow_model",
     "is_fudoki_checkpoint",
     "load_flow_model",

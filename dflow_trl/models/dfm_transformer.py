@@ -27,7 +27,7 @@ from transformers import GenerationConfig, LlamaConfig, PretrainedConfig, PreTra
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from ..paths import MetricInducedPath, MixturePath, ProbabilityPath
+from ..paths import MixturePath, ProbabilityPath, build_path
 from .base import DiscreteFlowModelMixin, FlowInputs
 
 Task = Literal["t2i", "understanding"]
@@ -162,27 +162,6 @@ class DFMTransformerConfig(PretrainedConfig):
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
             attn_implementation=getattr(self, "_attn_implementation", None) or "sdpa",
         )
-
-
-def build_path(spec: dict[str, Any], vocab_size: int, mask_token_id: int | None) -> ProbabilityPath:
-    """A probability path from a config spec (see :class:`DFMTransformerConfig`)."""
-    kind = spec.get("type")
-    if kind == "metric":
-        emb = spec.get("embeddings")
-        if emb is None:
-            raise ValueError("a 'metric' path spec needs 'embeddings' (V rows)")
-        emb_t = torch.as_tensor(emb, dtype=torch.float64)
-        if emb_t.shape[0] != vocab_size:
-            raise ValueError(f"metric path embeddings have {emb_t.shape[0]} rows; the canvas vocabulary has {vocab_size}")
-        return MetricInducedPath(emb_t, c=spec.get("c", 3.0), a=spec.get("a", 0.9))
-    if kind in ("mask", "uniform"):
-        return MixturePath(
-            vocab_size,
-            source=kind,
-            mask_token_id=spec.get("mask_token_id", mask_token_id) if kind == "mask" else None,
-            scheduler=spec.get("exponent", 1.0),
-        )
-    raise ValueError(f"unknown path type {kind!r}; use 'metric', 'mask' or 'uniform'")
 
 
 class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):

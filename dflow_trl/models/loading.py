@@ -34,7 +34,7 @@ def load_flow_model(path: str, quantization_config: Any = None, **kwargs: Any) -
     if kind == DFMTransformerConfig.model_type:
         return _named_weight_errors(path, DFMTransformer.from_pretrained, **kwargs)
     if kind in ("multi_modality", "janus"):  # FUDOKI's own layout, or one saved by FudokiForFlow
-        from .fudoki import FudokiForFlow
+        from .fudoki.modeling import FudokiForFlow
 
         return _named_weight_errors(path, FudokiForFlow.from_pretrained, **kwargs)
     raise ValueError(
@@ -61,7 +61,7 @@ def _named_weight_errors(path: str, load: Any, **kwargs: Any) -> Any:
 def load_processing_class(path: str) -> Any:
     """The tokenizer saved beside the model (``None`` if there is none)."""
     if _model_type(path) == "multi_modality":
-        from .fudoki_checkpoint import load_tokenizer
+        from .fudoki.checkpoint import load_tokenizer
 
         return load_tokenizer(path)
     try:

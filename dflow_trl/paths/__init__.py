@@ -3,5 +3,6 @@
 from .base import ProbabilityPath
 from .metric import MetricInducedPath
 from .mixture import MixturePath, PolynomialScheduler
+from .spec import build_path
 
-__all__ = ["MetricInducedPath", "MixturePath", "PolynomialScheduler", "ProbabilityPath"]
+__all__ = ["MetricInducedPath", "MixturePath", "PolynomialScheduler", "ProbabilityPath", "build_path"]

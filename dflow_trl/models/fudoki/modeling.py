@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from transformers import JanusForConditionalGeneration
 
-from .base import DiscreteFlowModelMixin, FlowInputs
-from .fudoki_checkpoint import (
+from ..base import DiscreteFlowModelMixin, FlowInputs
+from .checkpoint import (
     FUDOKI_MODEL_TYPE,
     PATH_EMBEDDING_FILES,
     SAVED_PATH_EMBEDDINGS,
@@ -43,7 +43,7 @@ from .fudoki_checkpoint import (
     read_config,
     record_special_token_flags,
 )
-from .fudoki_layout import (
+from .layout import (
     DEFAULT_MAX_LENGTH,
     DEFAULT_SYSTEM_PROMPT,
     FUDOKI_UNCOND_TOKEN_ID,
@@ -58,7 +58,7 @@ from .fudoki_layout import (
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-    from ..paths.base import ProbabilityPath
+    from ...paths.base import ProbabilityPath
 
 Task = Literal["t2i", "understanding"]
 TASKS: tuple[str, ...] = ("t2i", "understanding")
@@ -254,7 +254,7 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         """Give a model built in memory what :meth:`from_pretrained` reads beside the weights;
         returns ``self``.
 
-        * ``tokenizer``: FUDOKI's tokenizer (e.g. ``fudoki_checkpoint.load_tokenizer(folder)``), or
+        * ``tokenizer``: FUDOKI's tokenizer (e.g. ``dflow_trl.models.fudoki.load_tokenizer(folder)``), or
           ``None`` to pass one as ``processing_class`` at every call instead. It must hold FUDOKI's
           image tokens (``<image_placeholder>`` at ``config.image_token_id``), ids inside the text
           vocabulary, start encodings with BOS and, unless ``uncond_token_id`` is given, have
@@ -370,7 +370,7 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
     # ---- the discrete-flow interface -----------------------------------------------------------
     def get_probability_path(self) -> ProbabilityPath:
         """FUDOKI's metric-induced path for the current canvas (image or text embeddings)."""
-        from ..paths import MetricInducedPath
+        from ...paths import MetricInducedPath
 
         kind = self.canvas_kind
         if kind not in self._paths:
@@ -655,7 +655,7 @@ def _place(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> to
 
 
 def _token_ids(tokenizer: Any) -> dict[str, int | None]:
-    from .fudoki_checkpoint import IMAGE_TAG
+    from .checkpoint import IMAGE_TAG
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return {

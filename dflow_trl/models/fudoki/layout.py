@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
-from .base import FlowInputs
-from .fudoki_checkpoint import BOI_TAG, EOI_TAG, IMAGE_TAG
+from ..base import FlowInputs
+from .checkpoint import BOI_TAG, EOI_TAG, IMAGE_TAG
 
 EOS_TAG = "<｜end▁of▁sentence｜>"
 DEFAULT_SYSTEM_PROMPT = (
@@ -125,7 +125,7 @@ def check_tokenizer(
     if absent:
         raise ValueError(
             f"the tokenizer lacks FUDOKI's special tokens {absent}; use the checkpoint's tokenizer "
-            "(dflow_trl.models.fudoki_checkpoint.load_tokenizer(folder))"
+            "(dflow_trl.models.fudoki.checkpoint.load_tokenizer(folder))"
         )
     if image_token_id is not None and vocab[IMAGE_TAG] != image_token_id:
         raise ValueError(
@@ -145,7 +145,7 @@ def check_tokenizer(
             f"the tokenizer does not start its encodings with a BOS token (it encodes 'a' as {probe}, "
             f"bos_token_id {bos}); FUDOKI's LlamaTokenizerFast adds BOS (add_bos_token) and its layouts "
             "start with it. Load the tokenizer with "
-            "dflow_trl.models.fudoki_checkpoint.load_tokenizer(folder), which adds BOS as FUDOKI's "
+            "dflow_trl.models.fudoki.checkpoint.load_tokenizer(folder), which adds BOS as FUDOKI's "
             "does even when tokenizer.json has no post-processor"
         )
     if uncond_is_fudokis:
