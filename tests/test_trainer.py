@@ -547,3 +547,47 @@ def test_a_truncated_weights_file_is_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:200])
     with pytest.raises(OSError, match=r"model\.safetensors.*corrupt or truncated"):
         load_flow_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("temperature", 0.7), ("top_p", 0.9), ("top_k", 50), ("min_p", 0.1), ("repetition_penalty", 1.2),
+     ("generation_kwargs", {"do_sample": True}), ("cache_implementation", "static"),
+     ("use_transformers_continuous_batching", True), ("cast_lm_head_to_fp32", True)],
+)  # fmt: skip
+def test_decoding_fields_are_refused_not_ignored(tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field}=.* does not apply to discrete-flow rollouts"):
+        make_args(tmp_path, **{field: value})
+
+
+def test_docs_table_names_every_grpo_config_field():
+    """docs/trainer.md says, for every field GRPOConfig adds to TrainingArguments, what it does here:
+    a field a new TRL adds fails this until the table says whether it is honoured, mapped or refused."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from transformers import TrainingArguments
+    from trl import GRPOConfig
+
+    text = (Path(__file__).parents[1] / "docs" / "trainer.md").read_text()
+    section = text.split("## How GRPOConfig's knobs map onto denoising steps", 1)[1].split("\n## ", 1)[0]
+    first_cells = [re.sub(r"\(.*?\)", "", line.split(" | ")[0]) for line in section.splitlines() if line.startswith("| `")]
+    named = {m for cell in first_cells for m in re.findall(r"`([a-z_0-9]+)`", cell)}
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    fields = {f.name for f in dataclasses.fields(GRPOConfig)} - base
+    assert fields - named == set(), "GRPOConfig fields missing from docs/trainer.md's table"
+    assert named - fields - base == set(), "docs/trainer.md's table names fields GRPOConfig does not have"
+
+
+def test_log_completions_writes_image_canvases_as_images(tmp_path, capsys):
+    """TRL's completions table holds each image canvas as the row's image and a text placeholder,
+    written to parquet (which cannot hold PIL images) and printed."""
+    import pandas as pd
+
+    trainer = make_trainer(tmp_path, max_steps=1, log_completions=True, num_completions_to_print=2)
+    trainer.train()
+    table = pd.read_parquet(tmp_path / "out" / "completions" / "completions_00001.parquet")
+    assert len(table) == 4 and all(c.startswith("<image ") for c in table["completion"])
+    assert [len(i) for i in trainer._logs["images"]] == [1] * 4
+    assert "<image " in capsys.readouterr().out

@@ -168,6 +168,7 @@ class DFlowGRPOConfig(GRPOConfig):
                 "mask_truncated_completions=True does not apply: a denoising trajectory has no EOS, so TRL "
                 "would mark every sample truncated and train nothing; leave it False"
             )
+        errors += _refused_grpo_fields(self)
         if self.use_vllm:
             errors.append(
                 "use_vllm=True is not supported: vLLM has no discrete-flow sampler; rollouts run in-process"
@@ -178,3 +179,28 @@ class DFlowGRPOConfig(GRPOConfig):
             )
         if errors:
             raise ValueError("Invalid DFlowGRPOConfig: " + "; ".join(errors))
+
+
+# GRPOConfig fields that steer autoregressive decoding: a rollout is a denoising trajectory, so
+# they would be ignored without a word. (field, TRL's default, what to use instead)
+_DECODING_FIELDS = (
+    ("temperature", 1.0, "the rollout temperature is flow_temperature"),
+    ("top_p", 1.0, "a rollout samples the full posterior"),
+    ("top_k", 0, "a rollout samples the full posterior (top_k_size is the estimator's knob)"),
+    ("min_p", None, "a rollout samples the full posterior"),
+    ("repetition_penalty", 1.0, "a rollout has no token history to penalise"),
+    ("generation_kwargs", None, "the sampler's knobs are the flow_* fields"),
+    ("cache_implementation", None, "a denoising step has no KV cache"),
+    ("use_transformers_continuous_batching", False, "rollouts run in-process with rollout_batch_size"),
+    ("cast_lm_head_to_fp32", False, "the posterior is normalised in float32 already"),
+)
+
+
+def _refused_grpo_fields(cfg: DFlowGRPOConfig) -> list[str]:
+    """One error per decoding field set away from TRL's default."""
+    return [
+        f"{name}={getattr(cfg, name)!r} does not apply to discrete-flow rollouts ({why}); leave it at {default!r}"
+        for name, default, why in _DECODING_FIELDS
+        if getattr(cfg, name) != default
+    ]
+

@@ -472,6 +472,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     # ---- logging ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.log_completions:
+            _images_as_completion_images(self._logs)
         super().log(logs, start_time)
         if self._flow_last_images:
             # A collective: every rank holds images here (same config) and must join, or rank 0 hangs.
@@ -479,6 +481,21 @@ class DFlowGRPOTrainer(GRPOTrainer):
             self._flow_last_images = []
             if self.accelerator.is_main_process:
                 _log_images(self, images[: self.args.log_sample_images])
+
+
+def _images_as_completion_images(logs: dict[str, Any]) -> None:
+    """Image completions in TRL's ``log_completions`` buffers become the row's image (which W&B and
+    trackio show) and a ``<image W×H>`` text: TRL writes the completions table to parquet, which
+    holds no PIL image, and prints it as text."""
+    completions = logs["completion"]
+    if all(isinstance(c, str | list) for c in completions):
+        return
+    images = [[] if isinstance(c, str | list) else [c] for c in completions]
+    texts = [c if isinstance(c, str | list) else f"<image {c.size[0]}×{c.size[1]}>" for c in completions]
+    logs["images"].clear()
+    logs["images"].extend(images)
+    completions.clear()
+    completions.extend(texts)
 
 
 def _resolve_reward(func: Any) -> Any:
