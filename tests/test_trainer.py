@@ -423,6 +423,43 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
     assert greedy.shape == (8, 4, rows["flow_states"].shape[-1])
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_td_lambda_credits_each_step_with_the_change_of_the_greedy_values(tmp_path, lam):
+    """``step_baseline_lambda``: with ``v_k = (b_k − mean_G b_k) / σ`` (``c_k = 1`` on the first batch)
+    and ``v_K`` TRL's advantage, step k gets ``Σ_{l ≥ k} λ^{l−k} (v_{l+1} − v_l)``; at λ = 0 that is
+    ``v_{k+1} − v_k``."""
+    trainer = make_trainer(
+        tmp_path, estimator="top_k", step_baseline="greedy", step_baseline_lambda=lam, scale_rewards="batch",
+        per_device_train_batch_size=8, max_steps=1, train_steps="all",
+    )
+    seen = []
+    original = trainer._step_advantages
+
+    def spy(inputs, advantages):
+        out = original(inputs, advantages)
+        seen.append((trainer._flow_current, advantages.clone(), out))
+        return out
+
+    trainer._step_advantages = spy
+    trainer.train()
+    rows, trl_adv, adv = seen[0]
+    steps, greedy = rows["flow_step_index"], rows["flow_greedy"]
+    rewards = torch.tensor(count_reward(None, None, rows["flow_states"][:, -1].tolist()))
+    sigma = rewards.std() + 1e-4
+    num_steps = greedy.shape[1]
+    v = []
+    for k in range(num_steps):
+        b = torch.tensor(count_reward(None, None, greedy[:, k].tolist()))
+        v.append((b - b.view(-1, 4).mean(1).repeat_interleave(4)) / sigma)
+    v.append(trl_adv)
+    assert steps[0].tolist() == list(range(num_steps))
+    for k in range(num_steps):
+        expected = sum(lam**i * (v[k + i + 1] - v[k + i]) for i in range(num_steps - k))
+        torch.testing.assert_close(adv[:, k], expected, atol=1e-5, rtol=1e-4)
+    if lam == 0.0:
+        torch.testing.assert_close(adv[:, -1], trl_adv - v[-2], atol=1e-5, rtol=1e-4)
+
+
 def test_step_baseline_rejects_what_it_cannot_use(tmp_path):
     with pytest.raises(ValueError, match="step_baseline must be"):
         make_args(tmp_path, step_baseline="value")
@@ -430,6 +467,10 @@ def test_step_baseline_rejects_what_it_cannot_use(tmp_path):
         make_args(tmp_path, estimator="posterior_only", step_baseline="greedy")
     with pytest.raises(ValueError, match="sum_then_normalize"):
         make_args(tmp_path, step_baseline="greedy", multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match="step_baseline_lambda must be in"):
+        make_args(tmp_path, step_baseline="greedy", step_baseline_lambda=1.5)
+    with pytest.raises(ValueError, match="set step_baseline='greedy'"):
+        make_args(tmp_path, step_baseline_lambda=0.5)
 
 
 def test_registry_names_and_import_paths_resolve_in_python(tmp_path):

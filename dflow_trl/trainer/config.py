@@ -52,6 +52,15 @@ class DFlowGRPOConfig(GRPOConfig):
             rollouts), never of ``x_{k+1}``, so the policy gradient stays unbiased; late steps,
             whose prediction is close to the outcome, lose most of the noise that the outcome's
             other causes put on them. Costs one reward call per trained step.
+        step_baseline_lambda: λ of a TD(λ) advantage on the greedy values (needs ``step_baseline=
+            "greedy"``). With ``v_k = c_k (b_k − mean_G b_k) / σ`` and ``v_K`` the GRPO advantage,
+            step k gets ``Σ_{l ≥ k} λ^{l−k} (v_{l+1} − v_l)``. ``1`` (default) is ``v_K − v_k``, the
+            unbiased baseline above; ``0`` credits step k with ``v_{k+1} − v_k``, how much its
+            transition changed the predicted canvas's reward (per-step reward differences of
+            predicted clean samples, as TempFlow-GRPO credits continuous-flow steps). λ < 1 is
+            **biased**: ``v_{k+1}`` depends on ``x_{k+1}``, so it is not a baseline, and the
+            argmax prediction's reward is not ``E[R | x_{k+1}]``; it trades that bias for less
+            noise. Costs one reward call per denoising step.
         step_checkpointing: activation checkpointing per denoising step. The loss keeps only each
             trained step's ``(B,)`` log-probability and recomputes the step's forward during backward,
             so a micro-batch's memory no longer grows with the number of trained steps T (without it
@@ -102,6 +111,10 @@ class DFlowGRPOConfig(GRPOConfig):
         metadata={"help": "Per-step advantage baseline: none, or greedy (reward of the posterior's argmax).",
                   "choices": ["none", "greedy"]},
     )
+    step_baseline_lambda: float = field(
+        default=1.0,
+        metadata={"help": "TD(λ) on the greedy values: 1 = unbiased baseline, < 1 = biased, less noisy credit."},
+    )
     step_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute each trained step's forward in backward: memory flat in trained steps."},
@@ -145,6 +158,10 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(
                 "step_baseline needs per-step scores; posterior_only scores the final sample once: use another estimator"
             )
+        if not 0.0 <= self.step_baseline_lambda <= 1.0:
+            errors.append(f"step_baseline_lambda must be in [0, 1], got {self.step_baseline_lambda}")
+        elif self.step_baseline_lambda != 1.0 and self.step_baseline != "greedy":
+            errors.append("step_baseline_lambda < 1 works on the greedy values: set step_baseline='greedy'")
         if self.step_baseline != "none" and self.multi_objective_aggregation != "sum_then_normalize":
             errors.append(
                 "step_baseline works on summed rewards: set multi_objective_aggregation='sum_then_normalize'"

@@ -323,7 +323,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     def _step_advantages(self, inputs: list[dict[str, Any]], advantages: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` advantages: TRL's ``(R − μ_G) / σ`` minus, for step ``k``, ``(b_k − mean_G b_k) / σ``
-        with ``b_k`` the reward of ``Trajectory.greedy[:, k]`` (``DFlowGRPOConfig.step_baseline``).
+        with ``b_k`` the reward of ``Trajectory.greedy[:, k]`` (``DFlowGRPOConfig.step_baseline``), or
+        with ``step_baseline_lambda < 1`` the TD(λ) sum of those values' differences (:func:`_td_lambda`).
 
         σ is recomputed from TRL's rewards and checked against TRL's advantages, so a change of
         TRL's normalisation fails here instead of silently mixing two scales."""
@@ -350,16 +351,18 @@ class DFlowGRPOTrainer(GRPOTrainer):
         # shift divided by σ + 1e-4 would only add (huge) zero-mean noise there.
         silent = torch.isclose(spread, torch.zeros_like(spread)) | torch.isnan(rewards)
         flow_model = self._flow_model()
-        out = advantages.unsqueeze(1).repeat(1, step_index.shape[1])
-        for k in step_index.unique().tolist():
+        lam = self.args.step_baseline_lambda
+        # TD(λ) needs the values of every step after the first trained one; λ = 1 only the trained ones.
+        steps = range(int(step_index.min()), greedy.shape[1]) if lam < 1 else step_index.unique().tolist()
+        values: dict[int, torch.Tensor] = {}
+        for k in steps:
             canvas = greedy[:, k]
             completions = flow_model.decode_canvas(canvas, self.processing_class)
             base = self._summed(super()._calculate_rewards(inputs, prompts, completions, canvas.tolist()))
             centred = base - torch.nanmean(base.view(-1, g), dim=1).repeat_interleave(g)
             shift = (centred / sigma).nan_to_num(0.0).masked_fill(silent, 0.0)
             coef = self._baseline_coef(k, full, shift)
-            hit = step_index == k
-            out[hit] -= (coef * shift[local]).unsqueeze(1).expand_as(out)[hit]
+            values[k] = coef * shift
             metrics = self._metrics["train"]
             metrics[f"flow/baseline_coef/step_{k}"].append(coef)
             metrics[f"flow/baseline_reward/step_{k}"].append(torch.nanmean(base).item())
@@ -367,6 +370,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 metrics[f"flow/baseline_explained/step_{k}"].append(
                     1.0 - ((full - coef * shift).pow(2).sum() / full.pow(2).sum()).item()
                 )
+        out = torch.empty(step_index.shape, device=advantages.device)
+        for k in step_index.unique().tolist():
+            credit = _td_lambda(values, full, k, greedy.shape[1], lam)
+            hit = step_index == k
+            out[hit] = credit[local].unsqueeze(1).expand_as(out)[hit]
         return out
 
     # ---- log-probabilities ------------------------------------------------------------------------
@@ -481,6 +489,14 @@ class DFlowGRPOTrainer(GRPOTrainer):
             self._flow_last_images = []
             if self.accelerator.is_main_process:
                 _log_images(self, images[: self.args.log_sample_images])
+
+
+def _td_lambda(values: dict[int, torch.Tensor], final: torch.Tensor, k: int, num_steps: int, lam: float) -> torch.Tensor:
+    """``Σ_{l=k}^{K−1} λ^{l−k} (v_{l+1} − v_l)`` with ``v_K = final`` (``final − v_k`` at λ = 1)."""
+    if lam == 1.0:
+        return final - values[k]
+    v = [values[step] for step in range(k, num_steps)] + [final]
+    return sum(lam**i * (v[i + 1] - v[i]) for i in range(len(v) - 1))
 
 
 def _images_as_completion_images(logs: dict[str, Any]) -> None:

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-step advantage baseline (DFlowGRPOConfig.step_baseline)",
     )
     ap.add_argument(
+        "--step-baseline-lambda", type=float, default=None,
+        help="TD(λ) on the greedy values, with --step-baseline greedy (DFlowGRPOConfig.step_baseline_lambda)",
+    )
+    ap.add_argument(
         "--reward", default=None,
         help="training reward (t2i: shapeworld_partial or shapeworld_strict; any registered reward name)",
     )
@@ -264,6 +268,7 @@ def build_trainer(
         estimator=cfg["estimator"],
         rollout_branching=cfg.get("rollout_branching", False),
         step_baseline=cfg.get("step_baseline", "none"),
+        step_baseline_lambda=cfg.get("step_baseline_lambda", 1.0),
         flow_time_power=cfg.get("time_power", 1.0),
         num_mc_samples=8,
         top_k_size=4,
@@ -316,7 +321,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     cfg = dict(DEMO_DEFAULTS[task])
     overridable = (
         "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline",
-        "time_power", "reward", "eval_per_tag", "eval_steps", "eval_samples",
+        "step_baseline_lambda", "time_power", "reward", "eval_per_tag", "eval_steps", "eval_samples",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:
