@@ -88,7 +88,10 @@ def main() -> None:
 
     import torch
 
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print(f"shape: D={D}, V={V}, E={E}, metric path, t=0.5, h=1/8\n")
     print(f"| {'what':<48} | B | seconds | peak extra MB |")
     print(f"|{'-' * 50}|---|---------|---------------|")

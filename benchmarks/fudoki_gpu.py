@@ -503,7 +503,8 @@ def bench_rl_step(
     report["rl_step_peak_memory"] = _peak(device)
     if len(steps) != args.warmup + args.iters or len(gen) != len(steps):
         raise RuntimeError(
-            f"expected {args.warmup + args.iters} optimizer steps with one generation each, got {len(steps)} steps "
+            f"expected {args.warmup + args.iters} optimizer steps with one generation each, "
+            f"got {len(steps)} steps "
             f"and {len(gen)} generations; check --num-generations / --train-batch-size"
         )
     timed = slice(args.warmup, None)
@@ -607,13 +608,16 @@ def print_table(args: argparse.Namespace, report: dict[str, Any]) -> None:
     print(f"device: {report['device']}; torch {report['versions']['torch']}; dtype {report['dtype']}")
     print(
         f"model: {p['total'] / 1e9:.4g} B params; per token {p['body'] / 1e6:.4g} M LM linear + "
-        f"{p['lora'] / 1e6:.4g} M LoRA (r={args.lora_r}); per canvas token {p['gen'] / 1e6:.4g} M generation head/aligner"
+        f"{p['lora'] / 1e6:.4g} M LoRA (r={args.lora_r}); "
+        f"per canvas token {p['gen'] / 1e6:.4g} M generation head/aligner"
     )
     print(
-        f"sequence: {seq['valid_tokens']} valid tokens ({seq['prompt_tokens']} prompt + {seq['canvas_tokens']} image + "
+        f"sequence: {seq['valid_tokens']} valid tokens "
+        f"({seq['prompt_tokens']} prompt + {seq['canvas_tokens']} image + "
         f"1 end-of-image), padded to {seq['padded_length']}; V={seq['codebook']}; "
         f"rollout batch {args.rollout_batch_size}; "
-        f"train batch {args.train_batch_size} × {args.num_generations // args.train_batch_size} accumulation, "
+        f"train batch {args.train_batch_size} × "
+        f"{args.num_generations // args.train_batch_size} accumulation, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}"
     )
     print(
@@ -626,7 +630,8 @@ def print_table(args: argparse.Namespace, report: dict[str, Any]) -> None:
     for a, b in rows:
         print(f"| {a:<{width}} | {b} |")
     print(
-        f"(warmup {args.warmup}, mean of {args.iters} timed iterations; total {report.get('total_seconds', 0):.0f} s)"
+        f"(warmup {args.warmup}, mean of {args.iters} timed iterations; "
+        f"total {report.get('total_seconds', 0):.0f} s)"
     )
 
 
@@ -694,7 +699,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.num_generations < 2 or args.num_generations % args.train_batch_size:
         ap.error(
-            f"--train-batch-size ({args.train_batch_size}) must divide --num-generations ({args.num_generations})"
+            f"--train-batch-size ({args.train_batch_size}) must divide "
+            f"--num-generations ({args.num_generations})"
         )
     if args.iters < 1 or args.warmup < 0:
         ap.error("--iters must be >= 1 and --warmup >= 0")
@@ -766,7 +772,8 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> None:
             "codebook": int(model.config.vq_config.num_embeddings),
         }
         print(
-            f"[fudoki-bench] {report['device']}, {report['dtype']}; sequence {valid} tokens padded to {padded}",
+            f"[fudoki-bench] {report['device']}, {report['dtype']}; "
+            f"sequence {valid} tokens padded to {padded}",
             flush=True,
         )
 

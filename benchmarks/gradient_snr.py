@@ -16,7 +16,8 @@ per rollout, step-level credit) and/or ``+greedy`` (``step_baseline="greedy"``: 
 takes the reward of the posterior's prediction at x_k as its baseline). ``seconds`` is the wall
 time of the setting's R gradients, so ρ per second compares methods of different cost.
 
-    python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only --json out.json
+    python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only \\
+        --json out.json
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--estimators", nargs="+", default=["top_k", "exact", "monte_carlo", "posterior_only"])
     ap.add_argument("--accumulate", type=int, nargs="+", default=[1], help="batches summed into one gradient")
-    ap.add_argument("--prompts", nargs="+", default=["a photo of a square left of a circle", "a photo of a blue square and a red cross"])
+    ap.add_argument(
+        "--prompts", nargs="+",
+        default=["a photo of a square left of a circle", "a photo of a blue square and a red cross"],
+    )
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--num-flow-steps", type=int, default=8)
@@ -143,7 +147,8 @@ def main() -> None:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(rows, indent=2))
     lines = [
-        "| prompt | method | mean reward | rollouts / gradient | mean pairwise cos | ρ per rollout | s per gradient |",
+        "| prompt | method | mean reward | rollouts / gradient | mean pairwise cos | ρ per rollout "
+        "| s per gradient |",
         "|---|---|---|---|---|---|---|",
     ]
     lines += [

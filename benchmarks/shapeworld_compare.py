@@ -39,14 +39,26 @@ def main() -> None:
     ap.add_argument("--mode", choices=["heldout", "prompt"], default="heldout")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(METHODS))
-    ap.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: 40 heldout, 12 prompt)")
-    ap.add_argument("--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)")
-    ap.add_argument("--eval-samples", type=int, default=None, help="heldout: samples per prompt (default: the demo's)")
-    ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation (default: the demo's)")
-    ap.add_argument("--time-power", type=float, default=None, help="heldout: time grid power (default: the demo's)")
+    ap.add_argument(
+        "--max-steps", type=int, default=None, help="optimizer steps (default: 40 heldout, 12 prompt)"
+    )
+    ap.add_argument(
+        "--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)"
+    )
+    ap.add_argument(
+        "--eval-samples", type=int, default=None, help="heldout: samples per prompt (default: the demo's)"
+    )
+    ap.add_argument(
+        "--eval-steps", type=int, default=None, help="Euler steps of evaluation (default: the demo's)"
+    )
+    ap.add_argument(
+        "--time-power", type=float, default=None, help="heldout: time grid power (default: the demo's)"
+    )
     ap.add_argument("--prompts", nargs="+", default=list(HALF_SOLVED), help="prompt: training prompts")
     ap.add_argument("--probe-samples", type=int, default=64, help="prompt: samples scored before and after")
-    ap.add_argument("--learning-rate", type=float, default=None, help="prompt: LoRA learning rate (default: the demo's)")
+    ap.add_argument(
+        "--learning-rate", type=float, default=None, help="prompt: LoRA learning rate (default: the demo's)"
+    )
     ap.add_argument("--output", default="benchmarks/results")
     a = ap.parse_args()
     out = Path(a.output)
@@ -56,7 +68,10 @@ def main() -> None:
         rows = compare_heldout(a, out)
         table = format_table(rows)
         groups = {
-            name: {c: [r["strict"] if c == "overall" else r["per_category"][c] for r in rs] for c in ("overall", *TAGS)}
+            name: {
+                c: [r["strict"] if c == "overall" else r["per_category"][c] for r in rs]
+                for c in ("overall", *TAGS)
+            }
             for name, rs in rows.items()
         }
         ylabel = "held-out strict score"
@@ -82,14 +97,15 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     for seed in a.seeds:
         for est in a.estimators:
             overrides = {
-                "--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples, "--eval-steps": a.eval_steps,
-                "--time-power": a.time_power,
+                "--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples,
+                "--eval-steps": a.eval_steps, "--time-power": a.time_power,
             }  # fmt: skip
             estimator, _, baseline = est.partition("+")
             args = build_parser().parse_args([
                 "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", estimator, "--seed", str(seed),
                 "--step-baseline", baseline or "none",
-                "--max-steps", str(a.max_steps or DEMO_DEFAULTS["t2i"]["max_steps"]), "--train-minutes", "1000",
+                "--max-steps", str(a.max_steps or DEMO_DEFAULTS["t2i"]["max_steps"]),
+                "--train-minutes", "1000",
                 *[str(x) for flag, v in overrides.items() if v is not None for x in (flag, v)],
             ])  # fmt: skip
             res = run(args, base=bases.get(seed))
@@ -97,7 +113,10 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
                 bases[seed] = res["base"]
                 rows["base"].append(res["base"])
             rows.setdefault(est, []).append(res["final"])
-            print(f"[compare] {est} seed {seed}: {res['base_score']:.3f} -> {res['final_score']:.3f}", flush=True)
+            print(
+                f"[compare] {est} seed {seed}: {res['base_score']:.3f} -> {res['final_score']:.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -124,7 +143,9 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
                 torch.manual_seed(seed)
                 model, tok = load_shapeworld_model("t2i")
                 if before is None:
-                    before = evaluate_t2i(model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,))["partial"]
+                    before = evaluate_t2i(
+                        model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,)
+                    )["partial"]
                 estimator, _, baseline = est.partition("+")
                 cfg = {
                     **DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": a.max_steps or 12,
@@ -132,13 +153,23 @@ def compare_on_prompts(a: argparse.Namespace) -> list[dict]:
                 }  # fmt: skip
                 if a.learning_rate is not None:
                     cfg["learning_rate"] = a.learning_rate
-                trainer = build_trainer(model, tok, Dataset.from_list([row] * 16), cfg, Path(a.output) / "trainer", seed)
+                trainer = build_trainer(
+                    model, tok, Dataset.from_list([row] * 16), cfg, Path(a.output) / "trainer", seed
+                )
                 t = time.perf_counter()
                 trainer.train()
                 seconds = time.perf_counter() - t
-                after = evaluate_t2i(trainer.model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,))["partial"]
-                rows.append({"prompt": prompt, "estimator": est, "seed": seed, "before": before, "after": after, "train_seconds": seconds})
-                print(f"[compare] {prompt!r} {est} seed {seed}: {before:.3f} -> {after:.3f} ({seconds:.0f} s)", flush=True)
+                after = evaluate_t2i(
+                    trainer.model, tok, probe, num_steps=eval_steps, seeds=(1000 + seed,)
+                )["partial"]
+                rows.append({
+                    "prompt": prompt, "estimator": est, "seed": seed, "before": before, "after": after,
+                    "train_seconds": seconds,
+                })  # fmt: skip
+                print(
+                    f"[compare] {prompt!r} {est} seed {seed}: {before:.3f} -> {after:.3f} ({seconds:.0f} s)",
+                    flush=True,
+                )
     return rows
 
 

@@ -27,7 +27,9 @@ class DFlowScriptArguments:
     ``prompt`` column. ``model_name_or_path`` may be ``shapeworld`` (the shipped model) or a local folder.
     """
 
-    dataset_name: str = field(default="shapeworld-t2i", metadata={"help": "Built-in task, saved dataset or data file."})
+    dataset_name: str = field(
+        default="shapeworld-t2i", metadata={"help": "Built-in task, saved dataset or data file."}
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
     reward_funcs: list[str] = field(
@@ -36,7 +38,9 @@ class DFlowScriptArguments:
     )
     task: str | None = field(default=None, metadata={"help": "Model task: 't2i' or 'understanding'."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    push_adapter_to_hub: bool = field(default=False, metadata={"help": "Push the result with trainer.push_to_hub()."})
+    push_adapter_to_hub: bool = field(
+        default=False, metadata={"help": "Push the result with trainer.push_to_hub()."}
+    )
 
 
 def make_parser() -> Any:

@@ -20,7 +20,11 @@ def wants_flow_time(model: Any) -> bool:
 
 
 def flow_logits(
-    model: Any, batch: FlowInputs, canvas: torch.LongTensor, unconditional: bool = False, t: float | None = None
+    model: Any,
+    batch: FlowInputs,
+    canvas: torch.LongTensor,
+    unconditional: bool = False,
+    t: float | None = None,
 ) -> torch.Tensor:
     """``(B, D, V)`` posterior logits of ``model`` (called through its ``forward``, so DDP/PEFT wrappers
     see the call) for ``batch`` with the canvas set to ``canvas``; time-conditioned models get ``t``."""

@@ -78,7 +78,13 @@ class StepRecord:
 
 
 def _log_excess(
-    path: ProbabilityPath, x: torch.Tensor, y: torch.Tensor, cand: torch.Tensor, t: float, h: float, floor: torch.Tensor
+    path: ProbabilityPath,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cand: torch.Tensor,
+    t: float,
+    h: float,
+    floor: torch.Tensor,
 ) -> torch.Tensor:
     """``log(K_h(x → y | cand) - f δ_x(y))`` for candidates ``cand`` of shape ``(..., m)``."""
     if cand.shape[-1] == 0:
@@ -97,9 +103,13 @@ def estimate_log_prob(
     draw_log_ratio: torch.Tensor,
     draw_log_excess: torch.Tensor,
 ) -> torch.Tensor:
-    """``log π̂ = log( f δ_x(y) + Σ_{s∈S} p(s)(K_s - f δ) + (1/n) Σ_{j∉S} p(X_j)/p^{old}(X_j) (K_j - f δ) )``."""
+    """``log π̂ = log( f δ_x(y) + Σ_{s∈S} p(s)(K_s - f δ)
+    + (1/n) Σ_{j∉S} p(X_j)/p^{old}(X_j) (K_j - f δ) )``."""
     n = draw_log_excess.shape[-1]
-    parts = [log_floor.unsqueeze(-1).to(head_log_post.dtype), head_log_post + head_log_excess.to(head_log_post.dtype)]
+    parts = [
+        log_floor.unsqueeze(-1).to(head_log_post.dtype),
+        head_log_post + head_log_excess.to(head_log_post.dtype),
+    ]
     if n:
         parts.append(draw_log_ratio + draw_log_excess.to(draw_log_ratio.dtype) - math.log(n))
     return torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
@@ -120,7 +130,9 @@ def sample_step_recorded(
     path.check_tokens(x_t, "x_t")
     vocab = path.vocab_size
     if posterior_probs.shape[:-1] != x_t.shape:
-        raise ValueError(f"posterior shape {tuple(posterior_probs.shape)} does not match x_t {tuple(x_t.shape)} + (V,)")
+        raise ValueError(
+            f"posterior shape {tuple(posterior_probs.shape)} does not match x_t {tuple(x_t.shape)} + (V,)"
+        )
     head_size = min(int(head_size), vocab)
     if num_draws < 0 or head_size < 0:
         raise ValueError("num_draws and head_size must be >= 0")
@@ -146,7 +158,9 @@ def sample_step_recorded(
 
     draw_ids = torch.zeros((*x_t.shape, 0), dtype=torch.long, device=x_t.device)
     if num_draws:
-        draw_ids = torch.multinomial(flat, num_draws, replacement=True, generator=generator).view(*x_t.shape, num_draws)
+        draw_ids = torch.multinomial(flat, num_draws, replacement=True, generator=generator).view(
+            *x_t.shape, num_draws
+        )
         place = ~stayed_by_floor & ~in_head
         slot = torch.randint(0, num_draws, x_t.shape, generator=generator, device=x_t.device)
         placed = draw_ids.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
@@ -160,7 +174,11 @@ def sample_step_recorded(
     draw_logp_old = log_post.gather(-1, draw_ids)
     if head_size or num_draws:
         old = estimate_log_prob(
-            log_floor, log_post.gather(-1, head_ids), head_log_excess, torch.zeros_like(draw_logp_old), draw_log_excess
+            log_floor,
+            log_post.gather(-1, head_ids),
+            head_log_excess,
+            torch.zeros_like(draw_logp_old),
+            draw_log_excess,
         )
     elif path.exact_is_cheap:  # nothing recorded: the exact estimator scores the step
         old = path.step_log_prob(posterior_probs.detach(), x_t, y, t, h)
@@ -190,11 +208,15 @@ def sample_step(
     """Draw ``x1 ~ posterior`` then ``x_next ~ K_h(x_t → · | x1)``, elementwise."""
     path.check_posterior(posterior_probs)
     path.check_tokens(x_t, "x_t")
-    x1 = torch.multinomial(posterior_probs.detach().reshape(-1, path.vocab_size).float(), 1, generator=generator)
+    x1 = torch.multinomial(
+        posterior_probs.detach().reshape(-1, path.vocab_size).float(), 1, generator=generator
+    )
     return path.sample_kernel(x_t, x1.view(x_t.shape), t, h, generator=generator)
 
 
-_PER_STEP = ("log_floor", "head_ids", "head_log_excess", "draw_ids", "draw_logp_old", "draw_log_excess", "old_log_prob")
+_PER_STEP = (
+    "log_floor", "head_ids", "head_log_excess", "draw_ids", "draw_logp_old", "draw_log_excess", "old_log_prob"
+)
 
 
 @dataclass

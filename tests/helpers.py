@@ -53,7 +53,9 @@ def brute_step_prob(path, probs: list[float], x: int, y: int, t: float, h: float
     return sum(p * brute_kernel(path, x, y, x1, t, h) for x1, p in enumerate(probs))
 
 
-def random_posterior(shape: tuple[int, ...], vocab: int, seed: int, temperature: float = 1.0, block: int | None = None):
+def random_posterior(
+    shape: tuple[int, ...], vocab: int, seed: int, temperature: float = 1.0, block: int | None = None
+):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(*shape, vocab, generator=g, dtype=torch.float64) * 1.5 / temperature
     if block is not None:

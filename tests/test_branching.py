@@ -48,7 +48,9 @@ def test_groups_share_the_prefix_and_branch_at_their_step(name):
     if name == "mask":
         return  # the masked source is one state: nothing to compare at x_0
     # Without branching the rows of a group start independently.
-    free = sample_trajectory(path, _logits_fn(d), _x0(path, b, d, 0), num_steps=k_steps, generator=torch.Generator().manual_seed(1))
+    free = sample_trajectory(
+        path, _logits_fn(d), _x0(path, b, d, 0), num_steps=k_steps, generator=torch.Generator().manual_seed(1)
+    )
     assert not (free.states[:4, 0] == free.states[:1, 0]).all()
 
 
@@ -61,7 +63,9 @@ def test_a_branched_row_is_still_a_draw_from_the_policy(name):
     fn = _logits_fn(d, seed=5)
     branch = torch.randint(0, 3, (n // g,), generator=torch.Generator().manual_seed(2)).repeat_interleave(g)
     gen = torch.Generator().manual_seed(4)
-    branched = sample_trajectory(path, fn, _x0(path, n, d, 6), num_steps=3, branch_steps=branch, group_size=g, generator=gen)
+    branched = sample_trajectory(
+        path, fn, _x0(path, n, d, 6), num_steps=3, branch_steps=branch, group_size=g, generator=gen
+    )
     free = sample_trajectory(path, fn, _x0(path, 3 * n, d, 7), num_steps=3, generator=gen)
     keep = torch.arange(n) % g != 0  # one row per group is the shared trajectory itself
     code = lambda s: s[:, 0] * V_SMALL + s[:, 1]  # noqa: E731
@@ -75,11 +79,17 @@ def test_branching_input_is_checked():
     path = small_paths()["uniform"]
     x0 = _x0(path, 6, 2, 0)
     with pytest.raises(ValueError, match="whole groups"):
-        sample_trajectory(path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.zeros(6, dtype=torch.long), group_size=4)
+        sample_trajectory(
+            path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.zeros(6, dtype=torch.long), group_size=4
+        )
     with pytest.raises(ValueError, match="same step"):
-        sample_trajectory(path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.tensor([0, 1, 0, 0, 0, 0]), group_size=3)
+        sample_trajectory(
+            path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.tensor([0, 1, 0, 0, 0, 0]), group_size=3
+        )
     with pytest.raises(ValueError, match="one step per row"):
-        sample_trajectory(path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.zeros(3, dtype=torch.long), group_size=3)
+        sample_trajectory(
+            path, _logits_fn(2), x0, num_steps=2, branch_steps=torch.zeros(3, dtype=torch.long), group_size=3
+        )
 
 
 @pytest.mark.parametrize("branched", [False, True])
@@ -92,7 +102,9 @@ def test_recorded_greedy_canvas_is_the_posterior_argmax_at_x_k(name, branched):
     branch = torch.tensor([1] * 4 + [2] * 4) if branched else None
     kwargs = dict(num_steps=4, branch_steps=branch, group_size=g)
     def roll(**extra):
-        return sample_trajectory(path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), **kwargs, **extra)
+        return sample_trajectory(
+            path, fn, _x0(path, b, d, 0), generator=torch.Generator().manual_seed(1), **kwargs, **extra
+        )
 
     traj, plain = roll(record_greedy=True), roll()
     assert plain.greedy is None and torch.equal(plain.states, traj.states)

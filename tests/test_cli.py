@@ -43,7 +43,9 @@ def test_a_single_lora_target_module_given_as_a_yaml_string_trains(tmp_path):
     """``lora_target_modules: q_proj`` is a string in YAML; PEFT alone would read it as a full-name regex
     and find no module."""
     recipe = tiny_recipe(tmp_path)
-    recipe.write_text(recipe.read_text().replace("lora_target_modules: [q_proj, v_proj]", "lora_target_modules: q_proj"))
+    recipe.write_text(
+        recipe.read_text().replace("lora_target_modules: [q_proj, v_proj]", "lora_target_modules: q_proj")
+    )
     assert main(["train", "--config", str(recipe)]) == 0
     args = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert args["target_modules"] == ["q_proj"]

@@ -28,7 +28,10 @@ def test_demo_writes_results_picture_and_adapter(tmp_path):
     assert keys | {"wall_seconds", "steps", "config"} <= saved.keys()
     assert saved["samples_per_prompt"] == 2 and saved["base_se"] == saved["base"]["strict_se"] >= 0
     assert saved["steps"] == 1 and saved["config"]["max_steps"] == 1
-    assert set(saved["base"]["per_category"]) == set(saved["final"]["per_category"]) and len(saved["base"]["per_category"]) == 6
+    assert (
+        set(saved["base"]["per_category"]) == set(saved["final"]["per_category"])
+        and len(saved["base"]["per_category"]) == 6
+    )
     assert "samples" not in saved["base"] and "samples" not in res["final"]  # grids stay out of the JSON
     assert saved["base_score"] == pytest.approx(sum(saved["base"]["per_prompt"]) / 12)
     # samples.jsonl: every scored sample, before and after, rescored to the same strict scores.
@@ -44,4 +47,7 @@ def test_demo_writes_results_picture_and_adapter(tmp_path):
     picture = Image.open(tmp_path / "samples_before_after.png")
     assert picture.size[0] > 12 * 160 and picture.size[1] > 2 * 160  # 2 prompts × 6 categories, 2 rows
     assert (tmp_path / "reward_curve.png").is_file()
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file() and (tmp_path / "adapter" / "README.md").is_file()
+    assert (
+        (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+        and (tmp_path / "adapter" / "README.md").is_file()
+    )

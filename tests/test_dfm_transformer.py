@@ -71,7 +71,9 @@ def _trained(model: DFMTransformer) -> DFMTransformer:
     """Give an order-aware route's zero-initialised output layers weights, as training would:
     at zero init both routes are the mean pool."""
     if model.condition_encoder is not None:
-        for weight in (model.condition_encoder.self_attn.o_proj.weight, model.condition_encoder.mlp.down_proj.weight):
+        for weight in (
+            model.condition_encoder.self_attn.o_proj.weight, model.condition_encoder.mlp.down_proj.weight
+        ):
             torch.nn.init.normal_(weight, std=0.2)
     if model.condition_order is not None:
         torch.nn.init.normal_(model.condition_order["mix"][-1].weight, std=0.2)
@@ -126,7 +128,9 @@ def test_pooling_values_are_checked_and_true_means_mean(tmp_path):
     loaded = DFMTransformer.from_pretrained(tmp_path).eval()
     assert loaded.config.condition_pooling == "positional"
     zeros = torch.zeros(1, model.canvas_length, dtype=torch.long)
-    torch.testing.assert_close(_pooled(model, ["a red square"], zeros), _pooled(loaded, ["a red square"], zeros))
+    torch.testing.assert_close(
+        _pooled(model, ["a red square"], zeros), _pooled(loaded, ["a red square"], zeros)
+    )
 
 
 def _expected_2d(model: DFMTransformer) -> torch.Tensor:
@@ -149,7 +153,9 @@ def test_2d_positions_go_to_image_tokens_in_row_major_order():
 def test_2d_positions_go_to_the_condition_image_not_the_answer():
     model = tiny_model("uniform", task="understanding", image_shape=(2, 3), image_position_2d=True).eval()
     n_img = model.config.image_canvas_length
-    batch = model.prepare_flow_inputs(["red square"], tiny_tokenizer(), **{model.config.image_column: [[1] * n_img]})
+    batch = model.prepare_flow_inputs(
+        ["red square"], tiny_tokenizer(), **{model.config.image_column: [[1] * n_img]}
+    )
     emb = model._image_positions(batch.input_ids)[0]
     torch.testing.assert_close(emb[:n_img], _expected_2d(model))
     assert emb[n_img:].abs().sum() == 0

@@ -50,7 +50,9 @@ def _lora_state(model) -> dict[str, torch.Tensor]:
 
 def _check_adapter_round_trip(trainer, before, ckpt, tmp_path, task, **load_kw):
     after = _lora_state(trainer.model)
-    assert after and max((before[n] - after[n]).abs().max().item() for n in after) > 0, "LoRA adapters did not change"
+    assert after and max((before[n] - after[n]).abs().max().item() for n in after) > 0, (
+        "LoRA adapters did not change"
+    )
     trainer.save_model(str(tmp_path / "adapter"))
     base = FudokiForFlow.from_pretrained(str(ckpt), task=task, **load_kw)
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
@@ -65,7 +67,8 @@ def test_t2i_rl_with_lora(ckpt: Path, tmp_path: Path) -> None:
 
     ds = Dataset.from_dict({"prompt": ["a red cat", "two dogs"]})
     trainer = DFlowGRPOTrainer(
-        model=str(ckpt), reward_funcs=brightness, args=_args(tmp_path, beta=0.01), train_dataset=ds, peft_config=_lora()
+        model=str(ckpt), reward_funcs=brightness, args=_args(tmp_path, beta=0.01), train_dataset=ds,
+        peft_config=_lora(),
     )
     before = _lora_state(trainer.model)
     assert all("language_model" in n for n in before), "LoRA must sit on the language model only"

@@ -121,7 +121,8 @@ def trainer_gradients(tmp_path, kind: str, batch: int, steps: int, seed: int = 0
 
 
 def projection(grads: torch.Tensor, exact: torch.Tensor) -> tuple[float, float, float]:
-    """Mean and standard error of the estimates projected on the unit exact direction; cosine of their mean."""
+    """Mean and standard error of the estimates projected on the unit exact direction; cosine of their
+    mean."""
     unit = (exact / exact.norm()).flatten()
     proj = grads.flatten(1) @ unit
     cos = torch.nn.functional.cosine_similarity(grads.mean(0).flatten(), exact.flatten(), dim=0)

@@ -96,7 +96,9 @@ def test_core_imports_no_task_and_nothing_above_it():
 
 def test_tasks_do_not_import_the_cli():
     offending = [
-        hit for hit in upward_imports(sorted((PACKAGE / "tasks").rglob("*.py"))) if hit.endswith("dflow_trl.cli")
+        hit
+        for hit in upward_imports(sorted((PACKAGE / "tasks").rglob("*.py")))
+        if hit.endswith("dflow_trl.cli")
     ]
     assert not offending, offending
 
@@ -139,7 +141,9 @@ def test_the_shapeworld_task_imports_with_its_public_api():
 
     for name in shapeworld.__all__:
         assert getattr(shapeworld, name) is not None, name
-    for name in ("load_shapeworld_model", "SHAPEWORLD_DIR", "evaluate_t2i", "evaluate_vqa", "balanced_t2i_eval_set"):
+    for name in (
+        "load_shapeworld_model", "SHAPEWORLD_DIR", "evaluate_t2i", "evaluate_vqa", "balanced_t2i_eval_set"
+    ):
         assert name in shapeworld.__all__ and name in dir(shapeworld)
     assert (shapeworld.SHAPEWORLD_DIR / "model.safetensors").is_file()
     with pytest.raises(AttributeError):

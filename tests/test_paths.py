@@ -26,7 +26,9 @@ def test_kernel_sums_to_one_and_matches_formula(name, t, h):
     for y in range(V):
         k = path.kernel_log_prob(x, torch.full_like(x, y), x1, t, h).double().exp()
         total += k
-        ref = torch.tensor([brute_kernel(path, int(a), y, int(b), t, h) for a, b in zip(x, x1)], dtype=torch.float64)
+        ref = torch.tensor(
+            [brute_kernel(path, int(a), y, int(b), t, h) for a, b in zip(x, x1)], dtype=torch.float64
+        )
         torch.testing.assert_close(k, ref, atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(total, torch.ones_like(total), atol=1e-9, rtol=0)
 
@@ -46,7 +48,10 @@ def test_step_log_prob_matches_brute_force(name, t, h):
         y = torch.full_like(x, y_val)
         got = path.step_log_prob(probs, x, y, t, h).exp()
         ref = torch.tensor(
-            [[brute_step_prob(path, probs[i, j].tolist(), int(x[i, j]), y_val, t, h) for j in range(5)] for i in range(2)],
+            [
+                [brute_step_prob(path, probs[i, j].tolist(), int(x[i, j]), y_val, t, h) for j in range(5)]
+                for i in range(2)
+            ],
             dtype=torch.float64,
         )
         torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
@@ -79,7 +84,10 @@ def test_metric_path_at_t0_moves_nothing():
     probs = random_posterior((V_SMALL,), V_SMALL, seed=0)
     y = (x[:V_SMALL] + 1) % V_SMALL
     assert torch.isinf(path.step_log_prob(probs, x[:V_SMALL], y, 0.0, 0.125)).all()
-    torch.testing.assert_close(path.step_log_prob(probs, x[:V_SMALL], x[:V_SMALL], 0.0, 0.125), torch.zeros(V_SMALL, dtype=torch.float64))
+    torch.testing.assert_close(
+        path.step_log_prob(probs, x[:V_SMALL], x[:V_SMALL], 0.0, 0.125),
+        torch.zeros(V_SMALL, dtype=torch.float64),
+    )
 
 
 def test_metric_rates_move_only_closer_to_x1():

@@ -33,11 +33,18 @@ def test_pretrain_trains_checkpoints_and_saves_a_loadable_model(tmp_path):
     ]))
     assert summary["steps"] == 4 and len(summary["history"]) == 2
     assert all(row["loss_t2i"] > 0 and row["loss_vqa"] > 0 for row in summary["history"])
-    assert (out / "step-2" / "model.safetensors").is_file() and (out / "step-4" / "model.safetensors").is_file()
+    assert (
+        (out / "step-2" / "model.safetensors").is_file() and (out / "step-4" / "model.safetensors").is_file()
+    )
     assert json.loads((out / "training_log.json").read_text())["args"]["t_power"] == 2
     model, _ = load_shapeworld_model("understanding", out)
     cfg = model.config
-    assert model.task == "understanding" and cfg.time_conditioning and cfg.condition_pooling == "ordered" and cfg.image_position_2d
+    assert (
+        model.task == "understanding"
+        and cfg.time_conditioning
+        and cfg.condition_pooling == "ordered"
+        and cfg.image_position_2d
+    )
 
 
 def test_pretrain_rejects_bad_arguments():
@@ -71,8 +78,12 @@ def test_init_from_copies_shared_weights_and_leaves_new_routes_fresh(tmp_path):
     script = _load_script()
     small = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
              "--batch-size", "2", "--vqa-batch-size", "2", "--vqa-pool", "8"]  # fmt: skip
-    script.train(script.parse_args(["--output-dir", str(tmp_path / "a"), "--steps", "1", "--pooling", "mean", *small]))
-    args = script.parse_args(["--output-dir", str(tmp_path / "b"), "--steps", "1", "--pooling", "encoder", *small])
+    script.train(
+        script.parse_args(["--output-dir", str(tmp_path / "a"), "--steps", "1", "--pooling", "mean", *small])
+    )
+    args = script.parse_args(
+        ["--output-dir", str(tmp_path / "b"), "--steps", "1", "--pooling", "encoder", *small]
+    )
     tok = script.build_shapeworld_tokenizer()
     warm = script.DFMTransformer(script.build_config(tok, args))
     script.init_from(warm, tmp_path / "a")
@@ -80,9 +91,13 @@ def test_init_from_copies_shared_weights_and_leaves_new_routes_fresh(tmp_path):
     torch.testing.assert_close(warm.layers[0].mlp.up_proj.weight, source.layers[0].mlp.up_proj.weight)
     assert warm.condition_encoder.self_attn.o_proj.weight.abs().sum() == 0  # fresh: the identity
     # A model without a route the source has cannot take its weights silently.
-    args = script.parse_args(["--output-dir", str(tmp_path / "c"), "--steps", "1", "--pooling", "none", *small])
+    args = script.parse_args(
+        ["--output-dir", str(tmp_path / "c"), "--steps", "1", "--pooling", "none", *small]
+    )
     with pytest.raises(ValueError, match="has no"):
         script.init_from(script.DFMTransformer(script.build_config(tok, args)), tmp_path / "a")
-    args = script.parse_args(["--output-dir", str(tmp_path / "d"), "--steps", "1", *small[:-6], "--hidden", "16"])
+    args = script.parse_args(
+        ["--output-dir", str(tmp_path / "d"), "--steps", "1", *small[:-6], "--hidden", "16"]
+    )
     with pytest.raises(ValueError, match="shapes differ"):
         script.init_from(script.DFMTransformer(script.build_config(tok, args)), tmp_path / "a")

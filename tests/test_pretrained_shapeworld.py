@@ -43,7 +43,9 @@ def test_loads_offline_with_documented_paths(shipped, monkeypatch):
     assert torch.allclose(torch.tensor(cfg.image_path["embeddings"]), palette_embeddings())
     assert isinstance(model.get_probability_path(), MetricInducedPath)
     assert (cfg.pad_token_id, cfg.mask_token_id) == (tok.pad_token_id, tok.mask_token_id)
-    assert cfg.uncond_token_id == tok.convert_tokens_to_ids("<uncond>") and cfg.sep_token_id == tok.sep_token_id
+    assert (
+        cfg.uncond_token_id == tok.convert_tokens_to_ids("<uncond>") and cfg.sep_token_id == tok.sep_token_id
+    )
     # Nothing may reach a hub: loading again with the network forced off still works.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     understanding, _ = load_shapeworld_model("understanding")
@@ -64,7 +66,9 @@ def test_custom_dir_and_bad_input(tmp_path):
 
 def test_generate_returns_grids(shipped):
     model, tok = shipped
-    prompts = ["a photo of a square", "a photo of two circles", "a photo of a red cross", "a photo of a diamond"]
+    prompts = [
+        "a photo of a square", "a photo of two circles", "a photo of a red cross", "a photo of a diamond"
+    ]
     canvas, images = generate(model, prompts, tok, num_steps=8, seed=0)
     assert canvas.shape == (4, GRID * GRID)
     assert int(canvas.min()) >= 0 and int(canvas.max()) < PALETTE_SIZE

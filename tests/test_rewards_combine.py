@@ -78,7 +78,8 @@ def test_checked_reward_keeps_class_scorer_name():
 
 def test_registry_names_and_unknown_name():
     expected = {"pickscore", "clip_score", "aesthetic", "geneval", "ocr", "mc_letter", "exact_match",
-                "numeric_match", "format", "remote", "shapeworld_strict", "shapeworld_partial", "shapeworld_answer"}  # fmt: skip
+                "numeric_match", "format", "remote", "shapeworld_strict", "shapeworld_partial",
+                "shapeworld_answer"}  # fmt: skip
     assert expected <= set(REWARD_REGISTRY)
     with pytest.raises(ValueError, match=r"unknown reward 'pickscor'; known rewards: \[.*'pickscore'"):
         get_reward_function("pickscor")

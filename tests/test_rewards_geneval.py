@@ -182,7 +182,10 @@ def test_position():
 
 
 def test_parse_metadata_accepts_geneval_lines_and_explains_errors():
-    line = '{"tag": "position", "include": [{"class": "dog", "count": 1}, {"class": "cat", "count": 1, "position": ["above", 0]}], "prompt": "a photo of a cat above a dog"}'
+    line = (
+        '{"tag": "position", "include": [{"class": "dog", "count": 1}, '
+        '{"class": "cat", "count": 1, "position": ["above", 0]}], "prompt": "a photo of a cat above a dog"}'
+    )
     meta = parse_metadata(line)
     assert meta["include"][1]["position"] == ("above", 0) and meta["prompt"].startswith("a photo")
     bad = [

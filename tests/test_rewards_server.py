@@ -1,4 +1,5 @@
-"""Reward server and RemoteReward client on loopback: round trips, auth, limits, timeouts, down and garbage servers."""
+"""Reward server and RemoteReward client on loopback: round trips, auth, limits, timeouts, down and
+garbage servers."""
 
 from __future__ import annotations
 

@@ -78,7 +78,9 @@ def test_averaged_rate_sampler_of_the_paper_is_a_different_distribution():
     u_bar = u.mean(1)
     lam = u_bar.sum(-1)
     jump = torch.rand(N_DRAWS, generator=g, dtype=lam.dtype) < -torch.expm1(-h * lam)
-    y = torch.where(jump, torch.multinomial(u_bar + 1e-300, 1, generator=g).squeeze(-1), torch.full((N_DRAWS,), x))
+    y = torch.where(
+        jump, torch.multinomial(u_bar + 1e-300, 1, generator=g).squeeze(-1), torch.full((N_DRAWS,), x)
+    )
     exact = path.step_log_prob(probs[None], torch.tensor([x]).expand(V_SMALL), torch.arange(V_SMALL), t, h)
     assert _chi2(torch.bincount(y, minlength=V_SMALL), exact.double().exp()) < 1e-6
 
@@ -112,8 +114,14 @@ def test_estimators_are_unbiased_for_a_fixed_next_state(name, num_draws, head_si
     for y_val in range(V_SMALL):
         x_t = torch.full((reps,), x)
         y = torch.full((reps,), y_val)
-        draws = torch.multinomial(probs.float(), reps * num_draws, replacement=True, generator=g).view(reps, num_draws)
-        head = torch.topk(probs, head_size).indices.expand(reps, head_size) if head_size else torch.zeros(reps, 0, dtype=torch.long)
+        draws = torch.multinomial(probs.float(), reps * num_draws, replacement=True, generator=g).view(
+            reps, num_draws
+        )
+        head = (
+            torch.topk(probs, head_size).indices.expand(reps, head_size)
+            if head_size
+            else torch.zeros(reps, 0, dtype=torch.long)
+        )
         floor = path.stay_floor(x_t, t, h).double()
         d_exc = _log_excess(path, x_t, y, draws, t, h, floor)
         if head_size:
@@ -141,13 +149,19 @@ def test_coupled_sampler_and_estimator_form_an_exact_importance_sampler(name, nu
     block = path.mask_token_id if name == "mask" else None
     log_theta = _theta_log_post(probs, seed=1, block=block)
     lp_theta = est.step_log_prob(path, rec, log_theta.expand(reps, V_SMALL), t, h)
-    torch.testing.assert_close(est.step_log_prob(path, rec, probs.log().expand(reps, V_SMALL), t, h).float(), rec.old_log_prob)
+    torch.testing.assert_close(
+        est.step_log_prob(path, rec, probs.log().expand(reps, V_SMALL), t, h).float(), rec.old_log_prob
+    )
     w = (lp_theta - rec.old_log_prob.double()).exp()
-    target = path.step_log_prob(log_theta.exp()[None], torch.tensor([x]).expand(V_SMALL), torch.arange(V_SMALL), t, h).exp()
+    target = path.step_log_prob(
+        log_theta.exp()[None], torch.tensor([x]).expand(V_SMALL), torch.arange(V_SMALL), t, h
+    ).exp()
     for v in range(V_SMALL):
         contrib = w * (rec.x_next == v)
         se = contrib.std().item() / math.sqrt(reps)
-        assert abs(contrib.mean().item() - target[v].item()) <= 4 * se + 1e-6, (v, contrib.mean().item(), target[v].item())
+        assert abs(contrib.mean().item() - target[v].item()) <= 4 * se + 1e-6, (
+            v, contrib.mean().item(), target[v].item()
+        )
 
 
 @pytest.mark.parametrize("name", PATHS)
@@ -157,7 +171,9 @@ def test_top_k_with_k_equal_v_is_exact(name):
     block = path.mask_token_id if name == "mask" else None
     probs = random_posterior((3, 4), V_SMALL, seed=2, block=block).float()
     x_t = torch.randint(0, V_SMALL, (3, 4), generator=torch.Generator().manual_seed(0))
-    rec = sample_step_recorded(path, probs, x_t, t, h, torch.Generator().manual_seed(1), num_draws=0, head_size=V_SMALL)
+    rec = sample_step_recorded(
+        path, probs, x_t, t, h, torch.Generator().manual_seed(1), num_draws=0, head_size=V_SMALL
+    )
     logits = torch.randn(3, 4, V_SMALL, dtype=torch.float64, requires_grad=True)
     log_theta = torch.log_softmax(logits, -1)
     top = TopKEstimator(V_SMALL, 0).step_log_prob(path, rec, log_theta, t, h)
@@ -176,7 +192,9 @@ def test_gradients_flow_to_posterior_logits(estimator, name):
     est = get_estimator(estimator, num_draws=6, top_k=2)
     probs = random_posterior((2, 8), V_SMALL, seed=4, block=getattr(path, "mask_token_id", None)).float()
     x_t = path.sample_source((2, 8), generator=torch.Generator().manual_seed(0))
-    rec = sample_step_recorded(path, probs, x_t, t, h, torch.Generator().manual_seed(2), est.num_draws, est.head_size)
+    rec = sample_step_recorded(
+        path, probs, x_t, t, h, torch.Generator().manual_seed(2), est.num_draws, est.head_size
+    )
     logits = probs.log().clamp_min(-30).clone().requires_grad_(True)
     lp = est.step_log_prob(path, rec, torch.log_softmax(logits, -1), t, h)
     assert torch.isfinite(lp).all()
@@ -197,12 +215,15 @@ def test_masked_path_reduces_to_plain_posterior_ratio_of_unmasked_tokens():
     assert unmasked_now.any() and ((x_t == m) & (rec.x_next == m)).any()
     plain = torch.where(
         unmasked_now,
-        log_theta.gather(-1, rec.x_next[..., None]).squeeze(-1) - probs.double().log().gather(-1, rec.x_next[..., None]).squeeze(-1),
+        log_theta.gather(-1, rec.x_next[..., None]).squeeze(-1)
+        - probs.double().log().gather(-1, rec.x_next[..., None]).squeeze(-1),
         torch.zeros_like(log_theta[..., 0]),
     )
     for est in (MonteCarloEstimator(24), ExactEstimator()):
         lr = est.step_log_prob(path, rec, log_theta, t, h).double() - (
-            rec.old_log_prob.double() if est.name == "monte_carlo" else ExactEstimator().step_log_prob(path, rec, probs.double().log(), t, h)
+            rec.old_log_prob.double()
+            if est.name == "monte_carlo"
+            else ExactEstimator().step_log_prob(path, rec, probs.double().log(), t, h)
         )
         torch.testing.assert_close(lr, plain, atol=1e-5, rtol=1e-5)
 
@@ -250,7 +271,9 @@ def test_cfg_keeps_ruled_out_tokens_out_on_every_path(name):
     def uncond_fn(x, t):
         return (0.5 * table[x]).index_fill(-1, torch.tensor([banned]), float("-inf"))
 
-    log_post = guided_log_probs(logits_fn(torch.arange(V_SMALL), 0.5), uncond_fn(torch.arange(V_SMALL), 0.5), 3.0)
+    log_post = guided_log_probs(
+        logits_fn(torch.arange(V_SMALL), 0.5), uncond_fn(torch.arange(V_SMALL), 0.5), 3.0
+    )
     assert not log_post.isnan().any() and (log_post[:, banned] == float("-inf")).all()
     x0 = path.sample_source((4, 5), generator=g)
     traj = sample_trajectory(path, logits_fn, x0, num_steps=4, uncond_logits_fn=uncond_fn, cfg_scale=3.0,
@@ -280,12 +303,17 @@ def test_sampler_and_estimator_bad_inputs():
     with pytest.raises(ValueError, match="unknown estimator"):
         get_estimator("magic")
     with pytest.raises(ValueError, match="too costly"):
-        ExactEstimator().check_path(__import__("dflow_trl.paths", fromlist=["x"]).MetricInducedPath(torch.randn(1000, 4)))
+        ExactEstimator().check_path(
+            __import__("dflow_trl.paths", fromlist=["x"]).MetricInducedPath(torch.randn(1000, 4))
+        )
     ExactEstimator().check_path(MixturePath(100000, source="uniform"))
     with pytest.raises(ValueError, match="temperature"):
         guided_log_probs(torch.zeros(2, 3), temperature=0)
     with pytest.raises(ValueError, match="increasing"):
-        sample_trajectory(path, lambda x, t: torch.zeros(*x.shape, V_SMALL), torch.zeros(1, 2, dtype=torch.long), times=torch.tensor([0.0, 0.7, 0.5, 1.0]))
+        sample_trajectory(
+            path, lambda x, t: torch.zeros(*x.shape, V_SMALL), torch.zeros(1, 2, dtype=torch.long),
+            times=torch.tensor([0.0, 0.7, 0.5, 1.0]),
+        )
 
 
 def test_time_grid_power_concentrates_steps_near_the_source():

@@ -73,7 +73,9 @@ def test_templates_are_far_apart_so_tolerance_one_is_unambiguous():
 
 
 def test_render_scene_is_deterministic_and_parses_back():
-    spec = SceneSpec((ObjectSpec("circle", "red"), ObjectSpec("square", "blue", ("below", 0)), ObjectSpec("cross")))
+    spec = SceneSpec(
+        (ObjectSpec("circle", "red"), ObjectSpec("square", "blue", ("below", 0)), ObjectSpec("cross"))
+    )
     grid = render_scene(spec, 7)
     assert grid.shape == (GRID, GRID) and grid.dtype == torch.long
     assert torch.equal(grid, render_scene(spec, random.Random(7)))
@@ -90,7 +92,9 @@ def test_four_of_the_widest_shape_fit():
 
 
 def test_objects_sit_centred_in_distinct_slots():
-    spec = SceneSpec((ObjectSpec("circle", "red"), ObjectSpec("cross"), ObjectSpec("square"), ObjectSpec("diamond")))
+    spec = SceneSpec(
+        (ObjectSpec("circle", "red"), ObjectSpec("cross"), ObjectSpec("square"), ObjectSpec("diamond"))
+    )
     slot = GRID // SLOTS
     for seed in range(10):
         objs = parse_grid(render_scene(spec, seed))
@@ -102,14 +106,21 @@ def test_objects_sit_centred_in_distinct_slots():
 
 
 def test_canonical_scenes_are_a_function_of_the_prompt_and_satisfy_it():
-    assert all((c, s) not in HELD_OUT_BINDINGS for s, c in DEFAULT_COLORS.items()) and set(DEFAULT_COLORS) == set(SHAPES)
+    assert all((c, s) not in HELD_OUT_BINDINGS for s, c in DEFAULT_COLORS.items()) and (
+        set(DEFAULT_COLORS) == set(SHAPES)
+    )
     for m in all_prompts():
-        grids = [render_scene(spec_from_metadata(m, seed, canonical=True), seed + 1, canonical=True) for seed in (0, 1)]
+        grids = [
+            render_scene(spec_from_metadata(m, seed, canonical=True), seed + 1, canonical=True)
+            for seed in (0, 1)
+        ]
         assert torch.equal(grids[0], grids[1]), m["prompt"]
         assert score_t2i(grids[0], m)[0] == 1.0, m["prompt"]
     # An open colour takes the shape's default; the first object takes the first valid slot.
     (obj,) = parse_grid(render_scene(SceneSpec((ObjectSpec("square"),)), canonical=True))
-    assert obj.color == DEFAULT_COLORS["square"] and obj.bbox[0] < GRID // SLOTS and obj.bbox[1] < GRID // SLOTS
+    assert (
+        obj.color == DEFAULT_COLORS["square"] and obj.bbox[0] < GRID // SLOTS and obj.bbox[1] < GRID // SLOTS
+    )
     # Random placement still varies the layout.
     spec = SceneSpec((ObjectSpec("square", "red"),))
     assert len({tuple(render_scene(spec, seed).flatten().tolist()) for seed in range(20)}) > 1
@@ -152,7 +163,9 @@ def test_geneval_wording_and_metadata():
     assert "a photo of an orange cross" in by_text
     assert len(by_text) == len(all_prompts())  # no two prompts share a text
     counts = {tag: len(all_prompts([tag])) for tag in TAGS}
-    assert counts == {"single_object": 5, "two_object": 20, "counting": 15, "colors": 40, "position": 80, "color_attr": 1120}
+    assert counts == {
+        "single_object": 5, "two_object": 20, "counting": 15, "colors": 40, "position": 80, "color_attr": 1120
+    }
 
 
 def test_split_is_deterministic_disjoint_and_covers_every_category():
@@ -164,7 +177,9 @@ def test_split_is_deterministic_disjoint_and_covers_every_category():
     assert train_texts | test_texts == {m["prompt"] for m in all_prompts()}
     for tag in TAGS:
         n = len(all_prompts([tag]))
-        assert len(t2i_prompts("test", [tag])) == n // 2 and len(t2i_prompts("train", [tag])) == n - n // 2, tag
+        assert (
+            len(t2i_prompts("test", [tag])) == n // 2 and len(t2i_prompts("train", [tag])) == n - n // 2
+        ), tag
         assert all(t2i_split_of(m) == "test" for m in t2i_prompts("test", [tag]))
     # Both sides bind every colour and every shape in the colours category.
     for side in (train, test):
@@ -218,7 +233,10 @@ _QUESTION_RES = {
     "exist": re.compile(r"is there an? (\w+) (\w+)\?"),
 }
 _NUMBERS = {"one": 1, "two": 2, "three": 3, "four": 4}
-_SINGULAR = {"squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross", "diamonds": "diamond"}
+_SINGULAR = {
+    "squares": "square", "circles": "circle", "triangles": "triangle", "crosses": "cross",
+    "diamonds": "diamond",
+}  # fmt: skip
 
 
 def _check_answer(row: dict) -> None:
@@ -247,7 +265,9 @@ def test_vqa_datasets():
     assert set(train["qtype"]) == set(QTYPES)
     assert set(train["answer"]) <= set(ANSWERS)
     assert {a for a, q in zip(train["answer"], train["qtype"]) if q == "exist"} == {"yes", "no"}
-    assert {a for a, q in zip(train["answer"], train["qtype"]) if q == "position"} == {r.split()[0] for r in RELATIONS}
+    assert {a for a, q in zip(train["answer"], train["qtype"]) if q == "position"} == {
+        r.split()[0] for r in RELATIONS
+    }
     for row in train:
         _check_answer(row)
         assert scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
@@ -256,7 +276,10 @@ def test_vqa_datasets():
     for row in test:
         _check_answer(row)
         safe = scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
-        asks_held_out = row["qtype"] == "exist" and tuple(_QUESTION_RES["exist"].fullmatch(row["prompt"]).groups()) in HELD_OUT_BINDINGS
+        asks_held_out = (
+            row["qtype"] == "exist"
+            and tuple(_QUESTION_RES["exist"].fullmatch(row["prompt"]).groups()) in HELD_OUT_BINDINGS
+        )
         assert not safe or asks_held_out, row["prompt"]
     assert len(make_vqa_dataset("test", n=4, qtypes=["color"])) == 4
     with pytest.raises(ValueError, match="question type"):
@@ -280,7 +303,9 @@ def test_grid_to_image_and_strip():
     x0 = 4  # the first grid's left edge: one gap in
     assert marked.getpixel((x0 - 1, 10)) == (0, 170, 0)
     assert marked.getpixel((x0 + 32 + 4 - 1, 10)) == (220, 0, 0)
-    assert render_grid_strip([[grid, grid]], scale=2, marks=[[None, None]]).getpixel((x0 - 1, 10)) == (255, 255, 255)
+    assert render_grid_strip([[grid, grid]], scale=2, marks=[[None, None]]).getpixel((x0 - 1, 10)) == (
+        255, 255, 255
+    )
     with pytest.raises(ValueError, match="one entry per grid"):
         render_grid_strip([[grid, grid]], marks=[[True]])
     cell, gap = GRID * 2, 4

@@ -30,7 +30,10 @@ def test_short_lora_run_raises_the_training_reward(tmp_path):
     probe = Dataset.from_list([row] * 64)
     torch.manual_seed(0)
     model, tok = load_shapeworld_model("t2i")
-    cfg = {**DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": 12, "estimator": "top_k", "learning_rate": LEARNING_RATE}
+    cfg = {
+        **DEMO_DEFAULTS["t2i"], "per_device_train_batch_size": 16, "max_steps": 12, "estimator": "top_k",
+        "learning_rate": LEARNING_RATE,
+    }  # fmt: skip
     # The uniform grid, for rollouts and scoring alike. On the demo's power-3 grid the same run went
     # 0.531 -> 0.572 (seed 0): a gain too close to the noise to test against.
     cfg["time_power"] = grid = 1.0
@@ -40,5 +43,9 @@ def test_short_lora_run_raises_the_training_reward(tmp_path):
     trainer.train()
     after = evaluate_t2i(trainer.model, tok, probe, num_steps=8, seeds=(123,), time_power=grid)["partial"]
     assert after > before + MIN_GAIN, (before, after)
-    rewards = [h["rewards/shapeworld_partial/mean"] for h in trainer.state.log_history if "rewards/shapeworld_partial/mean" in h]
+    rewards = [
+        h["rewards/shapeworld_partial/mean"]
+        for h in trainer.state.log_history
+        if "rewards/shapeworld_partial/mean" in h
+    ]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3, rewards

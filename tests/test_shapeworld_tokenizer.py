@@ -52,7 +52,9 @@ def test_uncond_and_sep_are_never_split(tok):
 
 def test_save_and_load_round_trip(tok, tmp_path):
     tok.save_pretrained(tmp_path)
-    for loaded in (PreTrainedTokenizerFast.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+    for loaded in (
+        PreTrainedTokenizerFast.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    ):
         assert loaded.get_vocab() == tok.get_vocab()
         assert loaded.pad_token_id == 0 and loaded.mask_token_id == 2 and loaded.sep_token_id == 4
         assert loaded.convert_tokens_to_ids("<uncond>") == 3 and "<uncond>" in loaded.all_special_tokens

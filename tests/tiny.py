@@ -12,7 +12,9 @@ from transformers import PreTrainedTokenizerFast
 
 from dflow_trl.models import DFMTransformer, DFMTransformerConfig
 
-WORDS = ["<pad>", "<sep>", "<uncond>", "<mask>", "<unk>", "red", "green", "blue", "square", "circle", "a", "of"]
+WORDS = [
+    "<pad>", "<sep>", "<uncond>", "<mask>", "<unk>", "red", "green", "blue", "square", "circle", "a", "of"
+]
 IMAGE_VOCAB = 5
 
 
@@ -27,13 +29,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def path_spec(kind: str) -> dict:
     if kind == "metric":
         g = torch.Generator().manual_seed(0)
-        return {"type": "metric", "c": 3.0, "a": 0.9, "embeddings": torch.randn(IMAGE_VOCAB, 3, generator=g).tolist()}
+        return {
+            "type": "metric", "c": 3.0, "a": 0.9,
+            "embeddings": torch.randn(IMAGE_VOCAB, 3, generator=g).tolist(),
+        }  # fmt: skip
     return {"type": kind, "exponent": 1.0}
 
 
 def tiny_model(
-    path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i", time_conditioning: bool = False,
-    condition_pooling: bool | str = False, image_position_2d: bool = False,
+    path: str = "metric", seed: int = 0, image_shape=(2, 3), task: str = "t2i",
+    time_conditioning: bool = False, condition_pooling: bool | str = False, image_position_2d: bool = False,
 ) -> DFMTransformer:
     torch.manual_seed(seed)
     image_vocab = IMAGE_VOCAB + (1 if path == "mask" else 0)
@@ -62,7 +67,9 @@ def tiny_model(
 
 def prompt_dataset(n: int = 4) -> Dataset:
     prompts = ["a red square", "a blue circle", "a green square", "a red circle"]
-    return Dataset.from_dict({"prompt": [prompts[i % 4] for i in range(n)], "target": [i % 3 for i in range(n)]})
+    return Dataset.from_dict(
+        {"prompt": [prompts[i % 4] for i in range(n)], "target": [i % 3 for i in range(n)]}
+    )
 
 
 def count_reward(prompts, completions, completion_ids, **kwargs) -> list[float]:

@@ -59,7 +59,9 @@ class FlowInputs:
         """``input_ids`` (or ``uncond_input_ids``) with the canvas positions set to ``canvas``."""
         base = self.uncond_input_ids if unconditional else self.input_ids
         if base is None:
-            raise ValueError("This model defines no unconditional input; classifier-free guidance is unavailable.")
+            raise ValueError(
+                "This model defines no unconditional input; classifier-free guidance is unavailable."
+            )
         ids = base.clone()
         ids[self.canvas_mask] = canvas.reshape(-1).to(ids.dtype)
         return ids
@@ -108,7 +110,9 @@ class DiscreteFlowModelMixin:
     def get_probability_path(self) -> ProbabilityPath:
         raise NotImplementedError
 
-    def prepare_flow_inputs(self, prompts: list[Any], processing_class: Any = None, **columns: list[Any]) -> FlowInputs:
+    def prepare_flow_inputs(
+        self, prompts: list[Any], processing_class: Any = None, **columns: list[Any]
+    ) -> FlowInputs:
         raise NotImplementedError
 
     def canvas_logits(
@@ -139,7 +143,8 @@ def check_flow_model(model: Any) -> None:
     ]
     if missing or getattr(inner, "canvas_kind", None) not in ("image", "text"):
         raise TypeError(
-            f"{type(inner).__name__} is not a discrete flow model usable by DFlowGRPOTrainer: it must subclass "
+            f"{type(inner).__name__} is not a discrete flow model usable by DFlowGRPOTrainer: "
+            "it must subclass "
             f"dflow_trl.models.DiscreteFlowModelMixin and implement {', '.join(missing or REQUIRED_METHODS)} "
             "and set canvas_kind to 'image' or 'text'. Use dflow_trl.models.DFMTransformer or "
             "dflow_trl.models.FudokiForFlow, or wrap your model (see docs/trainer.md)."

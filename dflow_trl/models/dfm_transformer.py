@@ -147,7 +147,9 @@ class DFMTransformerConfig(PretrainedConfig):
     @property
     def max_position_embeddings(self) -> int:
         image_cond = self.image_canvas_length if self.image_vocab_size else 0
-        return image_cond + self.max_prompt_length + 1 + max(self.image_canvas_length, self.text_canvas_length)
+        return (
+            image_cond + self.max_prompt_length + 1 + max(self.image_canvas_length, self.text_canvas_length)
+        )
 
     def llama_config(self) -> LlamaConfig:
         return LlamaConfig(
@@ -179,14 +181,20 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         self.embed_tokens = nn.Embedding(llama.vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.time_mlp = (
-            nn.Sequential(nn.Linear(TIME_FEATURES, config.hidden_size), nn.SiLU(), nn.Linear(config.hidden_size, config.hidden_size))
+            nn.Sequential(
+                nn.Linear(TIME_FEATURES, config.hidden_size),
+                nn.SiLU(),
+                nn.Linear(config.hidden_size, config.hidden_size),
+            )
             if config.time_conditioning
             else None
         )
         if config.image_position_2d:
             self.embed_rows = nn.Embedding(config.image_shape[0], config.hidden_size)
             self.embed_cols = nn.Embedding(config.image_shape[1], config.hidden_size)
-        self.condition_proj = nn.Linear(config.hidden_size, config.hidden_size) if config.condition_pooling else None
+        self.condition_proj = (
+            nn.Linear(config.hidden_size, config.hidden_size) if config.condition_pooling else None
+        )
         self.condition_mixer = (
             nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.GELU())
             if config.condition_pooling == "positional"
@@ -203,7 +211,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         if config.condition_pooling == "encoder":
             self.condition_encoder = LlamaDecoderLayer(llama, layer_idx=config.num_hidden_layers)
             self.condition_encoder.self_attn.is_causal = False
-        self.layers = nn.ModuleList([LlamaDecoderLayer(llama, layer_idx=i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(llama, layer_idx=i) for i in range(config.num_hidden_layers)]
+        )
         for layer in self.layers:
             layer.self_attn.is_causal = False
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -215,7 +225,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         self._paths: dict[str, ProbabilityPath] = {}
         self.post_init()
         # TRL reads/writes generation_config (pad/eos ids) even though a DFM never calls generate().
-        self.generation_config = GenerationConfig(pad_token_id=config.pad_token_id, eos_token_id=config.pad_token_id)
+        self.generation_config = GenerationConfig(
+            pad_token_id=config.pad_token_id, eos_token_id=config.pad_token_id
+        )
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -271,7 +283,8 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
         if bad:
             raise ValueError(
-                f"DFMTransformer expects plain-text prompts, got {bad[0]}; conversational prompts are not supported"
+                f"DFMTransformer expects plain-text prompts, got {bad[0]}; "
+                "conversational prompts are not supported"
             )
         n = self.config.max_prompt_length
         full = [processing_class(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -290,7 +303,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
                 out[i, n - len(r) :] = torch.tensor(r, dtype=torch.long)
         return out
 
-    def prepare_flow_inputs(self, prompts: list[Any], processing_class: Any = None, **columns: list[Any]) -> FlowInputs:
+    def prepare_flow_inputs(
+        self, prompts: list[Any], processing_class: Any = None, **columns: list[Any]
+    ) -> FlowInputs:
         cfg = self.config
         prompt_ids = self._tokenize(list(prompts), processing_class)
         b = prompt_ids.shape[0]
@@ -300,11 +315,15 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
             if cfg.image_column not in columns:
                 raise ValueError(
                     f"understanding needs the condition image as dataset column {cfg.image_column!r} "
-                    f"(a list of {cfg.image_canvas_length} image token ids per row); got columns {sorted(columns)}"
+                    f"(a list of {cfg.image_canvas_length} image token ids per row); "
+                    f"got columns {sorted(columns)}"
                 )
             img = torch.as_tensor(columns[cfg.image_column], dtype=torch.long)
             if img.shape != (b, cfg.image_canvas_length):
-                raise ValueError(f"column {cfg.image_column!r} must hold {cfg.image_canvas_length} ids per row, got {tuple(img.shape)}")
+                raise ValueError(
+                    f"column {cfg.image_column!r} must hold {cfg.image_canvas_length} ids per row, "
+                    f"got {tuple(img.shape)}"
+                )
             pieces.insert(0, img + cfg.text_vocab_size)
             cond_mask.insert(0, torch.ones_like(img, dtype=torch.bool))
         d = self.canvas_length
@@ -346,7 +365,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         path = self.get_probability_path()
         if isinstance(path, MixturePath) and path.source == "mask":
             # The mask is the source, never a clean token: x1 = mask would be an absorbing non-answer.
-            logits = logits.index_fill(-1, torch.tensor([path.mask_token_id], device=logits.device), float("-inf"))
+            logits = logits.index_fill(
+                -1, torch.tensor([path.mask_token_id], device=logits.device), float("-inf")
+            )
         return logits
 
     def _hidden(
@@ -362,7 +383,9 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         pooled = self._pooled_condition(h, input_ids, attention_mask, canvas_mask)
         if self.time_mlp is not None:
             if flow_time is None:
-                raise ValueError("this DFMTransformer is time-conditioned: pass flow_time (t of x_t) to forward")
+                raise ValueError(
+                    "this DFMTransformer is time-conditioned: pass flow_time (t of x_t) to forward"
+                )
             t = torch.as_tensor(flow_time, dtype=h.dtype, device=h.device).reshape(-1).expand(h.shape[0])
             h = h + self.time_mlp(_time_features(t)).unsqueeze(1)
         if pooled is not None:
@@ -372,18 +395,25 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         if self.config.image_position_2d:
             h = h + self._image_positions(input_ids)
         mask = create_bidirectional_mask(
-            config=self._llama_config, inputs_embeds=h, attention_mask=attention_mask.bool(), allow_is_bidirectional_skip=False
+            config=self._llama_config, inputs_embeds=h, attention_mask=attention_mask.bool(),
+            allow_is_bidirectional_skip=False,
         )
         pos_emb = self.rotary_emb(h, positions)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h = self._gradient_checkpointing_func(layer.__call__, h, mask, positions, None, False, pos_emb)
+                h = self._gradient_checkpointing_func(
+                    layer.__call__, h, mask, positions, None, False, pos_emb
+                )
             else:
                 h = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=pos_emb)
         return self.norm(h)
 
     def _pooled_condition(
-        self, emb: torch.Tensor, ids: torch.LongTensor, attention_mask: torch.Tensor, canvas_mask: torch.BoolTensor | None
+        self,
+        emb: torch.Tensor,
+        ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        canvas_mask: torch.BoolTensor | None,
     ) -> torch.Tensor | None:
         """Mean over the condition's text tokens (not the canvas, not image tokens) of their
         embeddings (``"mean"``), of ``GELU(W (e(w_i) + p_i))`` (``"positional"``) or of the
@@ -428,11 +458,13 @@ class DFMTransformer(DiscreteFlowModelMixin, PreTrainedModel):
         # weighted 0 in the mean anyway, so let it attend everywhere instead of producing NaN.
         keys = keep | ~keep.any(1, keepdim=True)
         mask = create_bidirectional_mask(
-            config=self._llama_config, inputs_embeds=span, attention_mask=keys, allow_is_bidirectional_skip=False
+            config=self._llama_config, inputs_embeds=span, attention_mask=keys,
+            allow_is_bidirectional_skip=False,
         )
         positions = torch.arange(n, device=emb.device).unsqueeze(0)
         out = self.condition_encoder(
-            span, attention_mask=mask, position_ids=positions, position_embeddings=self.rotary_emb(span, positions)
+            span, attention_mask=mask, position_ids=positions,
+            position_embeddings=self.rotary_emb(span, positions),
         )
         return out, keep
 

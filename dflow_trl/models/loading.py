@@ -19,7 +19,8 @@ def _model_type(path: str) -> str:
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise ValueError(
-            f"{path!r} is not a saved discrete flow model (no config.json). Models cannot be downloaded here: "
+            f"{path!r} is not a saved discrete flow model (no config.json). "
+            "Models cannot be downloaded here: "
             "pass a local folder written by save_pretrained, or a model object"
         )
     with open(cfg) as f:

@@ -31,7 +31,9 @@ def as_time(t: float | torch.Tensor, like: torch.Tensor, allow_one: bool = False
     return tt
 
 
-def check_step(t: float | torch.Tensor, h: float | torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_step(
+    t: float | torch.Tensor, h: float | torch.Tensor, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a step ``t → t + h``: ``0 ≤ t < 1``, ``h > 0``, ``t + h ≤ 1``."""
     tt = as_time(t, like)
     hh = torch.as_tensor(h, dtype=torch.float64, device=like.device)
@@ -60,26 +62,31 @@ class ProbabilityPath(ABC):
             raise ValueError(f"{name} must be an integer tensor of token ids, got dtype {x.dtype}")
         if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.vocab_size):
             raise ValueError(
-                f"{name} must be token ids in [0, {self.vocab_size}), got values in [{int(x.min())}, {int(x.max())}]"
+                f"{name} must be token ids in [0, {self.vocab_size}), "
+                f"got values in [{int(x.min())}, {int(x.max())}]"
             )
 
     def check_posterior(self, probs: torch.Tensor, atol: float = 1e-4) -> None:
         if probs.shape[-1] != self.vocab_size:
-            raise ValueError(f"posterior has {probs.shape[-1]} classes; the path's vocabulary has {self.vocab_size}")
+            raise ValueError(
+                f"posterior has {probs.shape[-1]} classes; the path's vocabulary has {self.vocab_size}"
+            )
         if not probs.is_floating_point():
             raise ValueError("posterior must be a floating tensor of probabilities")
         bad = ~torch.isfinite(probs.detach())
         if bad.any():
             where = bad.nonzero()[0].tolist()
             raise FloatingPointError(
-                f"the posterior is not finite ({int(bad.sum())} NaN/inf entries, first at index {where}): the model's "
-                "canvas logits hold NaN or +inf (or CFG/temperature turned them so); check the model's forward"
+                f"the posterior is not finite ({int(bad.sum())} NaN/inf entries, first at index {where}): "
+                "the model's canvas logits hold NaN or +inf (or CFG/temperature turned them so); "
+                "check the model's forward"
             )
         total = probs.detach().sum(-1)
         if (probs.detach() < 0).any() or not torch.allclose(total, torch.ones_like(total), atol=atol):
             raise ValueError(
                 "posterior must be probabilities summing to 1 over the last dimension "
-                f"(sums lie in [{float(total.min()):.6f}, {float(total.max()):.6f}]); pass softmax(logits), not logits"
+                f"(sums lie in [{float(total.min()):.6f}, {float(total.max()):.6f}]); "
+                "pass softmax(logits), not logits"
             )
 
     def broadcast_step(
@@ -92,7 +99,10 @@ class ProbabilityPath(ABC):
     # ---- the path ---------------------------------------------------------------------------
     @abstractmethod
     def sample_source(
-        self, shape: tuple[int, ...], generator: torch.Generator | None = None, device: torch.device | str | None = None
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
     ) -> torch.LongTensor:
         """``x_0 ~ p_0`` of the given shape."""
 
@@ -140,7 +150,9 @@ class ProbabilityPath(ABC):
         ``posterior_probs`` is ``(..., V)``; ``x_t``/``x_next`` are ``(...)``. Differentiable in the
         posterior."""
 
-    def stay_floor(self, x_t: torch.LongTensor, t: float | torch.Tensor, h: float | torch.Tensor) -> torch.Tensor:
+    def stay_floor(
+        self, x_t: torch.LongTensor, t: float | torch.Tensor, h: float | torch.Tensor
+    ) -> torch.Tensor:
         """A lower bound ``f(x_t) ≤ min_{x1} K_h(x_t → x_t | x1)`` that holds for every ``x1``.
 
         Estimators use ``f δ_{x_t}`` as an exact, θ-independent part of the kernel (a control

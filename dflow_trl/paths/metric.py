@@ -27,7 +27,9 @@ from .base import LAST_STEP_ATOL, ProbabilityPath, as_time
 def _scalar(v: float | torch.Tensor, name: str) -> float:
     if torch.is_tensor(v):
         if v.numel() != 1:
-            raise ValueError(f"MetricInducedPath takes one {name} for the whole batch, got shape {tuple(v.shape)}")
+            raise ValueError(
+                f"MetricInducedPath takes one {name} for the whole batch, got shape {tuple(v.shape)}"
+            )
         v = v.item()
     return float(v)
 
@@ -75,7 +77,10 @@ class MetricInducedPath(ProbabilityPath):
         self.exact_is_cheap = self.vocab_size <= 512
 
     def __repr__(self) -> str:
-        return f"MetricInducedPath(vocab_size={self.vocab_size}, dim={self.unit.shape[1]}, c={self.c}, a={self.a})"
+        return (
+            f"MetricInducedPath(vocab_size={self.vocab_size}, dim={self.unit.shape[1]}, "
+            f"c={self.c}, a={self.a})"
+        )
 
     def to(self, device: torch.device | str) -> MetricInducedPath:
         self.unit = self.unit.to(device)
@@ -150,8 +155,12 @@ class MetricInducedPath(ProbabilityPath):
                 ts >= 1, torch.full_like(ts, math.inf), self.c * (ts / (1 - ts).clamp_min(1e-12)) ** self.a
             )
             rows = self.distance_rows(flat[s : s + step])
-            logits = torch.where(torch.isinf(beta)[:, None], torch.where(rows == 0, 0.0, -math.inf), -beta[:, None] * rows)
-            out[s : s + step] = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            logits = torch.where(
+                torch.isinf(beta)[:, None], torch.where(rows == 0, 0.0, -math.inf), -beta[:, None] * rows
+            )
+            out[s : s + step] = torch.multinomial(
+                torch.softmax(logits, -1), 1, generator=generator
+            ).squeeze(-1)
         return out.view(x1.shape)
 
     def _step_scalars(self, t, h, like) -> tuple[float, float, bool]:
@@ -176,7 +185,9 @@ class MetricInducedPath(ProbabilityPath):
         lam = self.exit_rate(x, x1, t)
         log_p_y = -self.beta(t) * self.pair_distance(y, x1) - self.log_normalizer(x1, t)
         gap = (self.pair_distance(x, x1) - self.pair_distance(y, x1)).clamp_min(0)
-        log_jump = log_p_y + math.log(self.beta_dot(t)) + gap.log() - lam.log() + torch.log(-torch.expm1(-h * lam))
+        log_jump = (
+            log_p_y + math.log(self.beta_dot(t)) + gap.log() - lam.log() + torch.log(-torch.expm1(-h * lam))
+        )
         log_jump = torch.where((lam > 0) & (gap > 0), log_jump, -math.inf)
         return torch.where(y == x, -h * lam, log_jump)
 
@@ -237,7 +248,9 @@ class MetricInducedPath(ProbabilityPath):
             lam = lam[:, inv]  # (C, P)
             d_x, d_y = rows[:, x], rows[:, y]
             u = logp[:, y].exp() * bdot * (d_x - d_y).clamp_min(0)
-            jump = torch.where(lam > 0, u / lam.clamp_min(1e-300) * -torch.expm1(-h * lam), torch.zeros_like(u))
+            jump = torch.where(
+                lam > 0, u / lam.clamp_min(1e-300) * -torch.expm1(-h * lam), torch.zeros_like(u)
+            )
             kern = torch.where((y == x)[None, :], torch.exp(-h * lam), jump)  # (C, P)
             total = total + (p[:, s : s + step] * kern.T).sum(-1)
         return total.log().view(shape).to(out_dtype)

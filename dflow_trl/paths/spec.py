@@ -25,7 +25,10 @@ def build_path(spec: dict[str, Any], vocab_size: int, mask_token_id: int | None)
             raise ValueError("a 'metric' path spec needs 'embeddings' (V rows)")
         emb_t = torch.as_tensor(emb, dtype=torch.float64)
         if emb_t.shape[0] != vocab_size:
-            raise ValueError(f"metric path embeddings have {emb_t.shape[0]} rows; the canvas vocabulary has {vocab_size}")
+            raise ValueError(
+                f"metric path embeddings have {emb_t.shape[0]} rows; "
+                f"the canvas vocabulary has {vocab_size}"
+            )
         return MetricInducedPath(emb_t, c=spec.get("c", 3.0), a=spec.get("a", 0.9))
     if kind in ("mask", "uniform"):
         return MixturePath(

@@ -11,8 +11,9 @@ names without being imported by declaring entry points in the group ``dflow_trl.
     shapeworld_partial = "dflow_trl.tasks.shapeworld.rewards:shapeworld_partial"
 
 ``REWARD_REGISTRY`` lists these names beside the built-in ones (so an unknown name's error lists them too);
-an entry point's module is imported only when its reward is asked for. A function target is the reward itself (keyword options are bound with
-``functools.partial``, keeping its ``__name__``); a class target is a factory (options go to its
+an entry point's module is imported only when its reward is asked for. A function target is the reward
+itself (keyword options are bound with ``functools.partial``, keeping its ``__name__``); a class target
+is a factory (options go to its
 constructor, its instance is the reward). This is how the tasks in ``dflow_trl.tasks`` register their
 rewards: the core never imports a task.
 """

@@ -14,7 +14,8 @@ TRL_EXTRA_KWARGS = frozenset({"trainer_state", "log_extra", "log_metric", "envir
 
 
 def to_pil_images(completions: Any) -> list[Image.Image]:
-    """Turn image completions (PIL images, HWC uint8 arrays, CHW/HWC tensors in [0, 1]) into RGB PIL images."""
+    """Turn image completions (PIL images, HWC uint8 arrays, CHW/HWC tensors in [0, 1]) into RGB PIL
+    images."""
     if isinstance(completions, torch.Tensor) and completions.dim() == 3:
         completions = [completions]
     if isinstance(completions, np.ndarray) and completions.ndim == 3:
@@ -89,7 +90,8 @@ def _message_text(message: dict) -> str:
 
 
 def resolve_device(device: str | torch.device | None, completions: Any = None) -> torch.device:
-    """The device to score on: the given one, else that of tensor completions, else the current GPU, else CPU."""
+    """The device to score on: the given one, else that of tensor completions, else the current GPU,
+    else CPU."""
     if device is not None:
         return torch.device(device)
     first = completions[0] if isinstance(completions, Sequence) and len(completions) else completions
@@ -119,7 +121,8 @@ def resolve_dtype(dtype: str | torch.dtype | None, completions: Any = None) -> t
 
 
 def pooled_features(output: Any) -> torch.Tensor:
-    """CLIP feature getters return a tensor in transformers 4 and a model output in 5 (projection in pooler_output)."""
+    """CLIP feature getters return a tensor in transformers 4 and a model output in 5 (projection in
+    pooler_output)."""
     if isinstance(output, torch.Tensor):
         return output
     return output.pooler_output

@@ -1,4 +1,5 @@
-"""LAION aesthetic score: CLIP ViT-L/14 image embedding through the "improved aesthetic predictor" MLP head."""
+"""LAION aesthetic score: CLIP ViT-L/14 image embedding through the "improved aesthetic predictor" MLP
+head."""
 
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ def build_aesthetic_head(dims: tuple[int, ...] = (768, 1024, 128, 64, 16, 1)) ->
 
 
 def load_aesthetic_head(path: str | os.PathLike) -> nn.Sequential:
-    """Load a ``sac+logos+ava1-l14-linearMSE.pth``-format state dict (keys ``layers.{0,2,4,6,7}.{weight,bias}``)."""
+    """Load a ``sac+logos+ava1-l14-linearMSE.pth``-format state dict (keys
+    ``layers.{0,2,4,6,7}.{weight,bias}``)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict of tensors, found a {type(state).__name__}")
-    # The original predictor saved a LightningModule (prefix "layers."); DDPO-style ports save the bare Sequential.
+    # The original predictor saved a LightningModule (prefix "layers."); DDPO-style ports save the bare
+    # Sequential.
     state = {key.removeprefix("layers."): value for key, value in state.items()}
     expected = {f"{i}.{p}" for i in _LINEAR_INDICES for p in ("weight", "bias")}
     if set(state) != expected:
@@ -97,7 +100,8 @@ class AestheticReward:
             width = self.clip.model.config.projection_dim
             if head[0].in_features != width:
                 raise ValueError(
-                    f"aesthetic head {path} takes {head[0].in_features}-d embeddings but {self.clip.model_name} "
+                    f"aesthetic head {path} takes {head[0].in_features}-d embeddings "
+                    f"but {self.clip.model_name} "
                     f"projects to {width}; the published head needs CLIP ViT-L/14 (768-d)"
                 )
             self.head = head.to(self.clip.device)

@@ -99,7 +99,8 @@ def normalize_answer(text: str) -> str:
 
 
 def final_answer_text(text: str) -> str:
-    """The part of a response holding its answer: ``<answer>…</answer>``, else ``\\boxed{…}``, else all of it."""
+    """The part of a response holding its answer: ``<answer>…</answer>``, else ``\\boxed{…}``, else all
+    of it."""
     tag = _ANSWER_TAG.findall(text)
     if tag:
         return tag[-1]
@@ -222,7 +223,8 @@ DEFAULT_FORMAT = r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*"
 
 
 class FormatReward:
-    """1.0 when the whole completion matches a regular expression (default: ``<think>…</think><answer>…</answer>``)."""
+    """1.0 when the whole completion matches a regular expression (default:
+    ``<think>…</think><answer>…</answer>``)."""
 
     def __init__(self, pattern: str = DEFAULT_FORMAT, name: str = "format") -> None:
         try:

@@ -137,7 +137,8 @@ def clip_score(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> ClipAlignmentReward:
-    """CLIP score: scale × cosine similarity of prompt and image embeddings (``scale=100`` gives torchmetrics' scale)."""
+    """CLIP score: scale × cosine similarity of prompt and image embeddings (``scale=100`` gives
+    torchmetrics' scale)."""
     return ClipAlignmentReward(
         model,
         processor,

@@ -11,7 +11,8 @@ from . import RewardFunc
 
 
 def get_callable_name(func: Any) -> str:
-    """The name TRL logs a reward under (``rewards/<name>/mean``), mirroring ``trl.trainer.utils.get_callable_name``."""
+    """The name TRL logs a reward under (``rewards/<name>/mean``), mirroring
+    ``trl.trainer.utils.get_callable_name``."""
     while isinstance(func, functools.partial):
         func = func.func
     return getattr(func, "__name__", type(func).__name__)
@@ -32,7 +33,8 @@ def validate_rewards(values: Any, n: int, name: str) -> list[float | None]:
         )
     if len(values) != n:
         raise ValueError(
-            f"reward function {name!r} returned {len(values)} rewards for {n} completions; return exactly one per "
+            f"reward function {name!r} returned {len(values)} rewards for {n} completions; "
+            "return exactly one per "
             "completion (None where the reward does not apply)"
         )
     checked: list[float | None] = []

@@ -1,4 +1,5 @@
-"""GenEval rewards without mmdet: transformers' Mask2Former COCO instance segmentation + CLIP colour classification."""
+"""GenEval rewards without mmdet: transformers' Mask2Former COCO instance segmentation + CLIP colour
+classification."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ class GenEvalReward:
             self.detector = model.to(device).eval().requires_grad_(False)
 
     def detector_label(self, classname: str) -> str:
-        """The detector's label for a GenEval class name (case, separators and GenEval's aliases tolerated)."""
+        """The detector's label for a GenEval class name (case, separators and GenEval's aliases
+        tolerated)."""
         key = _norm_label(classname)
         key = CLASS_ALIASES.get(key, key)
         if key not in self.labels:
@@ -193,7 +195,8 @@ class GenEvalReward:
         else:
             present = sorted(k for k in kwargs if k not in TRL_EXTRA_KWARGS)
             raise KeyError(
-                f"GenEval needs each sample's metadata: a {self.metadata_column!r} column (dict or JSON line) or "
+                f"GenEval needs each sample's metadata: a {self.metadata_column!r} column "
+                "(dict or JSON line) or "
                 f"'tag'/'include' columns from GenEval's evaluation_metadata.jsonl; the batch has {present}"
             )
         if len(raw) != n:

@@ -6,8 +6,10 @@ boxes, scores and masks can drive them. Three verdicts per image:
 
 * ``correct`` – GenEval's benchmark rule: at least ``count`` objects of each included class, colour and
   relative position checked on the ``count`` most confident ones, and every ``exclude`` clause respected.
-* ``strict`` – Flow-GRPO's stricter rule: exactly ``count`` objects, plus the same colour/position/exclude checks.
-* ``score`` – mean over per-constraint terms (count closeness, fraction of the right colour, position), in [0, 1].
+* ``strict`` – Flow-GRPO's stricter rule: exactly ``count`` objects, plus the same colour/position/exclude
+  checks.
+* ``score`` – mean over per-constraint terms (count closeness, fraction of the right colour, position), in
+  [0, 1].
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def parse_metadata(raw: Any) -> dict[str, Any]:
             target = clause["position"][1]
             if not 0 <= target < index:
                 raise ValueError(
-                    f"include[{index}] position target {target} must name an earlier include clause (0..{index - 1})"
+                    f"include[{index}] position target {target} must name an earlier include clause "
+                    f"(0..{index - 1})"
                 )
     exclude = [_parse_clause(c, i, "exclude") for i, c in enumerate(raw.get("exclude") or [])]
     return {
@@ -118,7 +121,8 @@ def _parse_clause(clause: Any, index: int, kind: str) -> dict[str, Any]:
             or not isinstance(position[1], int)
         ):
             raise ValueError(
-                f"{where} position must be [relation, clause_index] with relation in {list(GENEVAL_POSITIONS)}, "
+                f"{where} position must be [relation, clause_index] "
+                f"with relation in {list(GENEVAL_POSITIONS)}, "
                 f"got {position!r}"
             )
         parsed["position"] = (position[0], position[1])
@@ -141,7 +145,8 @@ def compute_iou(box_a: tuple[float, ...], box_b: tuple[float, ...]) -> float:
 def select_detections(
     candidates: Mapping[str, list[Detection]], tag: str, thresholds: GenEvalThresholds = GenEvalThresholds()
 ) -> dict[str, list[Detection]]:
-    """GenEval's per-class filtering: confidence above the (tag's) threshold, most confident first, capped, NMS."""
+    """GenEval's per-class filtering: confidence above the (tag's) threshold, most confident first, capped,
+    NMS."""
     confidence = thresholds.confidence_for(tag)
     kept: dict[str, list[Detection]] = {}
     for classname, detections in candidates.items():
@@ -161,7 +166,8 @@ def select_detections(
 def relative_position(
     box_a: tuple[float, ...], box_b: tuple[float, ...], margin: float = POSITION_THRESHOLD
 ) -> set[str]:
-    """Relations of A to B ("left of", "right of", "above", "below"); overlap within ``margin`` × sizes counts as none."""
+    """Relations of A to B ("left of", "right of", "above", "below"); overlap within ``margin`` × sizes
+    counts as none."""
     a = np.asarray(box_a[:4], dtype=np.float64).reshape(2, 2)
     b = np.asarray(box_b[:4], dtype=np.float64).reshape(2, 2)
     offset = a.mean(axis=0) - b.mean(axis=0)
@@ -215,7 +221,8 @@ def _judge(
     margin: float,
     exact: bool,
 ) -> tuple[bool, list[float], list[str]]:
-    """One pass of the rules; ``exact`` demands exactly ``count`` objects (strict) instead of at least (GenEval)."""
+    """One pass of the rules; ``exact`` demands exactly ``count`` objects (strict) instead of at least
+    (GenEval)."""
     passed = True
     terms: list[float] = []
     reasons: list[str] = []

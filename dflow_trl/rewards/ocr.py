@@ -103,8 +103,10 @@ class OcrReward:
             target = quoted_text(prompt_text(prompt))
             if target is None:
                 raise ValueError(
-                    f"ocr reward: prompt {index} has no double-quoted target text ({prompt_text(prompt)[:80]!r}); "
-                    "write the text to render in quotes, e.g. 'a sign that says \"OPEN\"', or set target_column"
+                    f"ocr reward: prompt {index} has no double-quoted target text "
+                    f"({prompt_text(prompt)[:80]!r}); "
+                    "write the text to render in quotes, e.g. 'a sign that says \"OPEN\"', "
+                    "or set target_column"
                 )
             targets.append(target)
         return targets

@@ -62,7 +62,8 @@ class RewardServer(ThreadingHTTPServer):
         return f"http://{host}:{port}"
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that gave up (its own timeout) closes the socket before the reply; that is not a server fault.
+        # A client that gave up (its own timeout) closes the socket before the reply; that is not a
+        # server fault.
         if isinstance(sys.exc_info()[1], ConnectionError):
             return
         super().handle_error(request, client_address)
@@ -188,7 +189,8 @@ def make_server(
 
 
 def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``NAME``, ``NAME={"json": "kwargs"}`` or ``NAME=key=value,key=value`` (values parsed as JSON when they can be)."""
+    """``NAME``, ``NAME={"json": "kwargs"}`` or ``NAME=key=value,key=value`` (values parsed as JSON when
+    they can be)."""
     name, _, rest = spec.partition("=")
     if not name:
         raise ValueError(f"reward spec {spec!r} has no name; use NAME or NAME=key=value,...")

@@ -22,7 +22,8 @@ COCO_LABELS = (
 
 
 def save_tiny_clip(path: str | Path, projection_dim: int = 16, image_size: int = 32, seed: int = 0) -> Path:
-    """A 2-layer CLIP with a character-level CLIP tokenizer and a PIL image processor, saved with save_pretrained."""
+    """A 2-layer CLIP with a character-level CLIP tokenizer and a PIL image processor, saved with
+    save_pretrained."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     path = Path(path)

@@ -12,7 +12,8 @@ dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch
 
 The shipped asset was made with the defaults (torch 2.13)::
 
-    python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets --steps 2400 --threads 1
+    python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets \\
+        --steps 2400 --threads 1
 
 Measured: 53.0 minutes of wall time for 2400 steps on one thread of a 2-core CPU (the other core
 was busy with other work). The defaults are the shipped recipe: ``ordered`` prompt pooling,
@@ -63,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=24, help="text-to-image samples per step")
     p.add_argument("--vqa-batch-size", type=int, default=6, help="understanding samples per step")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="cosine decay floor, as a fraction of --lr")
+    p.add_argument(
+        "--min-lr-ratio", type=float, default=0.05, help="cosine decay floor, as a fraction of --lr"
+    )
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
@@ -74,7 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--intermediate", type=int, default=384)
     p.add_argument("--c", type=float, default=3.0, help="metric path schedule beta_t = c (t/(1-t))^a")
     p.add_argument("--a", type=float, default=0.9)
-    p.add_argument("--no-time", action="store_true", help="no time conditioning (FUDOKI-like; generates worse)")
+    p.add_argument(
+        "--no-time", action="store_true", help="no time conditioning (FUDOKI-like; generates worse)"
+    )
     p.add_argument(
         "--pooling",
         choices=["ordered", "encoder", "positional", "mean", "none"],
@@ -86,24 +91,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-2d", action="store_true", help="no row/column embeddings for image tokens")
     p.add_argument(
         "--t-power", type=float, default=2.0,
-        help="train at t = u^power, u ~ U[0, 1): > 1 puts more steps at small t, where the prompt alone must fix the layout",
+        help="train at t = u^power, u ~ U[0, 1): > 1 puts more steps at small t, "
+        "where the prompt alone must fix the layout",
     )
-    p.add_argument("--uncond-prob", type=float, default=0.1, help="prompt dropout for classifier-free guidance")
+    p.add_argument(
+        "--uncond-prob", type=float, default=0.1, help="prompt dropout for classifier-free guidance"
+    )
     p.add_argument(
         "--tag-power",
         type=float,
         default=0.25,
-        help="a prompt category is drawn with weight (#prompts)^power: 0 = categories equally, 1 = prompts equally",
+        help="a prompt category is drawn with weight (#prompts)^power: "
+        "0 = categories equally, 1 = prompts equally",
     )
     p.add_argument(
         "--caption-noise",
         type=float,
         default=DEFAULT_CAPTION_NOISE,
-        help="fraction of text-to-image captions that describe their image wrongly (dflow_trl.tasks.shapeworld.corpus)",
+        help="fraction of text-to-image captions that describe their image wrongly "
+        "(dflow_trl.tasks.shapeworld.corpus)",
     )
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--save-every", type=int, default=0, help="also save to OUTPUT_DIR/step-N every N steps (0: only at the end)")
+    p.add_argument(
+        "--save-every", type=int, default=0,
+        help="also save to OUTPUT_DIR/step-N every N steps (0: only at the end)",
+    )
     p.add_argument(
         "--init-from", type=Path, default=None,
         help="start from this model folder's weights (same sizes); parameters it lacks, e.g. a new "
@@ -165,7 +178,9 @@ class T2ISource:
     """Endless text-to-image pairs from the noisy-caption corpus (``dflow_trl.tasks.shapeworld.corpus``):
     every prompt of every category, a ``caption_noise`` fraction of them captioned wrongly."""
 
-    def __init__(self, rng: random.Random, tag_power: float, caption_noise: float = DEFAULT_CAPTION_NOISE) -> None:
+    def __init__(
+        self, rng: random.Random, tag_power: float, caption_noise: float = DEFAULT_CAPTION_NOISE
+    ) -> None:
         self.corpus = CaptionCorpus(rng, caption_noise=caption_noise, tag_power=tag_power)
 
     def batch(self, n: int) -> Batch:
@@ -192,7 +207,12 @@ class VQASource:
 
 
 def flow_matching_loss(
-    model: DFMTransformer, tokenizer, batch: Batch, uncond_prob: float, gen: torch.Generator, t_power: float = 1.0
+    model: DFMTransformer,
+    tokenizer,
+    batch: Batch,
+    uncond_prob: float,
+    gen: torch.Generator,
+    t_power: float = 1.0,
 ) -> torch.Tensor:
     """Posterior cross-entropy on ``x_t ~ p_t(· | x1)``, ``t = u^t_power``, ``u ~ U[0, 1)`` per sample."""
     columns = {model.config.image_column: batch.scenes} if batch.scenes is not None else {}
@@ -203,7 +223,9 @@ def flow_matching_loss(
     drop = torch.rand(b, generator=gen) < uncond_prob
     ids = torch.where(drop[:, None], inputs.with_canvas(x_t, unconditional=True), inputs.with_canvas(x_t))
     time = {"flow_time": t.squeeze(1).float()} if model.wants_flow_time else {}
-    logits = model(input_ids=ids, attention_mask=inputs.attention_mask, canvas_mask=inputs.canvas_mask, **time)
+    logits = model(
+        input_ids=ids, attention_mask=inputs.attention_mask, canvas_mask=inputs.canvas_mask, **time
+    )
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.x1.reshape(-1))
 
 
@@ -230,10 +252,14 @@ def init_from(model: DFMTransformer, directory: Path) -> None:
     own = model.state_dict()
     mismatched = [k for k in source if k in own and source[k].shape != own[k].shape]
     if mismatched:
-        raise ValueError(f"--init-from {directory}: shapes differ for {mismatched[:3]}; use the same model sizes")
+        raise ValueError(
+            f"--init-from {directory}: shapes differ for {mismatched[:3]}; use the same model sizes"
+        )
     unknown = [k for k in source if k not in own]
     if unknown:
-        raise ValueError(f"--init-from {directory}: this model has no {unknown[:3]}; drop the option that removed them")
+        raise ValueError(
+            f"--init-from {directory}: this model has no {unknown[:3]}; drop the option that removed them"
+        )
     model.load_state_dict(source, strict=False)
     fresh = sorted({k.split(".")[0] for k in own if k not in source})
     print(f"initialised from {directory}; fresh: {fresh or 'nothing'}")
@@ -250,8 +276,13 @@ def train(args: argparse.Namespace) -> dict:
     if args.init_from is not None:
         init_from(model, args.init_from)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"DFMTransformer: {n_params:,} parameters; canvas {CANVAS_LENGTH} image / {ANSWER_LENGTH} text tokens")
-    t2i, vqa = T2ISource(rng, args.tag_power, args.caption_noise), VQASource(rng, tokenizer, args.vqa_pool, args.seed)
+    print(
+        f"DFMTransformer: {n_params:,} parameters; canvas {CANVAS_LENGTH} image / {ANSWER_LENGTH} text tokens"
+    )
+    t2i, vqa = (
+        T2ISource(rng, args.tag_power, args.caption_noise),
+        VQASource(rng, tokenizer, args.vqa_pool, args.seed),
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
 
     start, step, history = time.monotonic(), 0, []
@@ -267,7 +298,9 @@ def train(args: argparse.Namespace) -> dict:
         for group in opt.param_groups:
             group["lr"] = args.lr * lr_factor(progress, warmup_frac, args.min_lr_ratio)
         model.set_task("t2i")
-        loss_img = flow_matching_loss(model, tokenizer, t2i.batch(args.batch_size), args.uncond_prob, gen, args.t_power)
+        loss_img = flow_matching_loss(
+            model, tokenizer, t2i.batch(args.batch_size), args.uncond_prob, gen, args.t_power
+        )
         model.set_task("understanding")
         loss_txt = flow_matching_loss(model, tokenizer, vqa.batch(args.vqa_batch_size), 0.0, gen)
         opt.zero_grad(set_to_none=True)

@@ -16,4 +16,10 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["FudokiCheckpointError", "FudokiForFlow", "is_fudoki_checkpoint", "load_path_embedding", "load_tokenizer"]
+__all__ = [
+    "FudokiCheckpointError",
+    "FudokiForFlow",
+    "is_fudoki_checkpoint",
+    "load_path_embedding",
+    "load_tokenizer",
+]

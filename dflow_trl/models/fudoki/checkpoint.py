@@ -153,7 +153,8 @@ def janus_config_from_fudoki(cfg: dict[str, Any], token_ids: dict[str, int | Non
     arch.update({k: vp[k] for k in SIGLIP_OVERRIDES if k in vp})
     _expect(
         all(k in arch for k in ("width", "layers", "heads", "mlp_ratio", "patch_size")),
-        f"unknown SigLIP tower {name!r}; known: {sorted(SIGLIP_ARCHS)} (or give {list(SIGLIP_OVERRIDES)} in params)",
+        f"unknown SigLIP tower {name!r}; known: {sorted(SIGLIP_ARCHS)} "
+        f"(or give {list(SIGLIP_OVERRIDES)} in params)",
     )
     _expect(
         "pixel_mean" not in vp and "pixel_std" not in vp,
@@ -341,7 +342,10 @@ def map_fudoki_key(key: str) -> str | list[str] | None:
         return "model.generation_embeddings.weight"
     m = re.fullmatch(r"gen_head\.(output_mlp_projector|vision_head)\.(weight|bias)", key)
     if m:
-        return f"model.generation_head.{'proj_out' if m.group(1) == 'output_mlp_projector' else 'vision_head'}.{m.group(2)}"
+        return (
+            "model.generation_head."
+            f"{'proj_out' if m.group(1) == 'output_mlp_projector' else 'vision_head'}.{m.group(2)}"
+        )
     return None
 
 
@@ -382,7 +386,8 @@ def _weight_files(folder: Path) -> list[Path]:
         if (folder / single).is_file():
             return [folder / single]
     raise FudokiCheckpointError(
-        f"{folder} holds no weights: expected model.safetensors, pytorch_model.bin or a sharded index of either"
+        f"{folder} holds no weights: expected model.safetensors, pytorch_model.bin "
+        "or a sharded index of either"
     )
 
 

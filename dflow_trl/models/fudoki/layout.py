@@ -11,7 +11,8 @@ Text-to-image::
 Classifier-free guidance replaces the prompt span (after ``<bos>`` up to ``<begin_of_image>``) with
 the unconditional token, FUDOKI's literal id 100015 (:data:`FUDOKI_UNCOND_TOKEN_ID`). Understanding::
 
-    <bos> {system}\\n\\nUser: <begin_of_image> [N slots ← SigLIP features] <end_of_image>{question}\\n\\nAssistant: [answer canvas]
+    <bos> {system}\\n\\nUser: <begin_of_image> [N slots ← SigLIP features]
+          <end_of_image>{question}\\n\\nAssistant: [answer canvas]
 
 The answer canvas fills the rest of the sequence, so ``D = max_length − prompt length`` (FUDOKI);
 in a batch of prompts of different lengths every row gets the ``D`` of the longest prompt and
@@ -334,7 +335,8 @@ def build_understanding_inputs(
     d = answer_length if answer_length is not None else max_length - longest
     if d < 1:
         raise ValueError(
-            f"the longest prompt takes {longest} tokens (image slots included), leaving no room for an answer "
+            f"the longest prompt takes {longest} tokens (image slots included), "
+            "leaving no room for an answer "
             f"within max_length={max_length}; raise max_length or shorten the prompt"
         )
     valid = [len(r) + d for r in rows]
@@ -381,6 +383,7 @@ def load_images(images: Sequence[Any]) -> list[Any]:
             out.append(Image.fromarray(arr.cpu().numpy()).convert("RGB"))
         else:
             raise ValueError(
-                f"an {IMAGE_COLUMN} entry must be a PIL image, a file path or an array, got {type(img).__name__}"
+                f"an {IMAGE_COLUMN} entry must be a PIL image, a file path or an array, "
+                f"got {type(img).__name__}"
             )
     return out

@@ -553,7 +553,8 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         impl = self.config._attn_implementation
         if impl not in SUPPORTED_ATTENTION:
             raise ValueError(
-                f"FUDOKI needs a bidirectional padding mask; attention implementation {impl!r} is not supported, "
+                "FUDOKI needs a bidirectional padding mask; "
+                f"attention implementation {impl!r} is not supported, "
                 f"use one of {SUPPORTED_ATTENTION}"
             )
         if input_ids is None or input_ids.ndim != 2:
@@ -564,7 +565,8 @@ class FudokiForFlow(JanusForConditionalGeneration, DiscreteFlowModelMixin):
         for name, t in (("attention_mask", attention_mask), ("canvas_mask", canvas_mask)):
             if t is None or tuple(t.shape) != shape:
                 raise ValueError(
-                    f"{name} must have the shape of input_ids {shape}, got {None if t is None else tuple(t.shape)}"
+                    f"{name} must have the shape of input_ids {shape}, "
+                    f"got {None if t is None else tuple(t.shape)}"
                 )
         if canvas_mask.dtype != torch.bool:
             raise ValueError(f"canvas_mask must be a bool tensor, got {canvas_mask.dtype}")

@@ -64,7 +64,9 @@ def miscaptioned(metadata: dict | str, rng: random.Random) -> dict:
     if tag == "colors":
         shape, color = inc[0]["class"], inc[0]["color"]
         usual = DEFAULT_COLORS[shape]
-        return colors_prompt(usual if color != usual else rng.choice([c for c in COLORS if c != color]), shape)
+        return colors_prompt(
+            usual if color != usual else rng.choice([c for c in COLORS if c != color]), shape
+        )
     if tag == "color_attr":
         return color_attr_prompt(inc[1]["color"], inc[0]["class"], inc[0]["color"], inc[1]["class"])
     if tag == "position":

@@ -27,7 +27,9 @@ def load_shapeworld_model(
     if task not in ("t2i", "understanding"):
         raise ValueError(f"task must be 't2i' or 'understanding', got {task!r}")
     folder = Path(path) if path is not None else SHAPEWORLD_DIR
-    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+    missing = [
+        f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()
+    ]
     if missing:
         raise ValueError(f"{str(folder)!r} is not a saved ShapeWorld model: it lacks {missing}")
     model = DFMTransformer.from_pretrained(folder, local_files_only=True)

@@ -64,7 +64,9 @@ def _a(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
-def _meta(tag: str, include: list[dict[str, Any]], prompt: str, exclude: list[dict[str, Any]] | None = None) -> dict:
+def _meta(
+    tag: str, include: list[dict[str, Any]], prompt: str, exclude: list[dict[str, Any]] | None = None
+) -> dict:
     return {"tag": tag, "include": include, "exclude": exclude or [], "prompt": prompt}
 
 
@@ -84,7 +86,9 @@ def counting_prompt(shape: str, count: int) -> dict:
 
 
 def colors_prompt(color: str, shape: str) -> dict:
-    return _meta("colors", [{"class": shape, "count": 1, "color": color}], f"a photo of {_a(f'{color} {shape}')}")
+    return _meta(
+        "colors", [{"class": shape, "count": 1, "color": color}], f"a photo of {_a(f'{color} {shape}')}"
+    )
 
 
 def position_prompt(shape_a: str, relation: str, shape_b: str) -> dict:
@@ -94,8 +98,13 @@ def position_prompt(shape_a: str, relation: str, shape_b: str) -> dict:
 
 
 def color_attr_prompt(color_a: str, shape_a: str, color_b: str, shape_b: str) -> dict:
-    include = [{"class": shape_a, "count": 1, "color": color_a}, {"class": shape_b, "count": 1, "color": color_b}]
-    return _meta("color_attr", include, f"a photo of {_a(f'{color_a} {shape_a}')} and {_a(f'{color_b} {shape_b}')}")
+    include = [
+        {"class": shape_a, "count": 1, "color": color_a},
+        {"class": shape_b, "count": 1, "color": color_b},
+    ]
+    return _meta(
+        "color_attr", include, f"a photo of {_a(f'{color_a} {shape_a}')} and {_a(f'{color_b} {shape_b}')}"
+    )
 
 
 def all_prompts(tags: Iterable[str] | None = None) -> list[dict]:
@@ -166,7 +175,9 @@ def check_metadata(metadata: dict | str) -> dict:
                     raise ValueError(f"include[{i}]['position'] must be [relation, index], got {pos!r}")
                 check_relation(pos[0])
                 if not (isinstance(pos[1], int) and 0 <= pos[1] < i):
-                    raise ValueError(f"include[{i}]'s position must point to an earlier entry, got {pos[1]!r}")
+                    raise ValueError(
+                        f"include[{i}]'s position must point to an earlier entry, got {pos[1]!r}"
+                    )
     return metadata
 
 
@@ -236,7 +247,10 @@ def train_colors(shape: str) -> list[str]:
 
 
 def spec_from_metadata(
-    metadata: dict | str, rng: random.Random | int | None = None, train_safe: bool = False, canonical: bool = False
+    metadata: dict | str,
+    rng: random.Random | int | None = None,
+    train_safe: bool = False,
+    canonical: bool = False,
 ) -> SceneSpec:
     """A scene that satisfies the prompt exactly: ``count`` objects per include entry (so the
     exclude entries hold too), unspecified colours drawn at random (left open with

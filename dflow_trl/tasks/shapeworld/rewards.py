@@ -24,7 +24,9 @@ def _check_lengths(name: str, n: int, column: str, values: Sequence[Any] | None)
     return values
 
 
-def _score_all(name: str, completion_ids: Sequence[Any], metadata: Sequence[Any] | None, which: int) -> list[float]:
+def _score_all(
+    name: str, completion_ids: Sequence[Any], metadata: Sequence[Any] | None, which: int
+) -> list[float]:
     metadata = _check_lengths(name, len(completion_ids), "metadata", metadata)
     return [score_t2i(ids, meta)[which] for ids, meta in zip(completion_ids, metadata)]
 
@@ -71,5 +73,6 @@ def shapeworld_answer(
     special tokens, digits as words), else 0.0."""
     answer = _check_lengths("shapeworld_answer", len(completions), "answer", answer)
     return [
-        float(normalize_answer(_completion_text(c)) == normalize_answer(a)) for c, a in zip(completions, answer)
+        float(normalize_answer(_completion_text(c)) == normalize_answer(a))
+        for c, a in zip(completions, answer)
     ]

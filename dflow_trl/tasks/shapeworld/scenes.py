@@ -59,7 +59,9 @@ class SceneSpec:
                 rel, j = obj.relation
                 check_relation(rel)
                 if not (isinstance(j, int) and 0 <= j < i):
-                    raise ValueError(f"object {i}'s relation must point to an earlier object, got index {j!r}")
+                    raise ValueError(
+                        f"object {i}'s relation must point to an earlier object, got index {j!r}"
+                    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +149,9 @@ def place_scene(
         placed: list[DetectedObject] = []
         for obj, slot in zip(spec.objects, order):
             box = slot_box(slot, obj.shape)
-            if obj.relation is not None and obj.relation[0] not in relative_position(box, placed[obj.relation[1]].bbox):
+            if obj.relation is not None and obj.relation[0] not in relative_position(
+                box, placed[obj.relation[1]].bbox
+            ):
                 break
             color = obj.color or (DEFAULT_COLORS[obj.shape] if canonical else rng.choice(COLORS))
             cells = frozenset((box[0] + r, box[1] + c) for r, c in TEMPLATES[obj.shape])
@@ -161,6 +165,8 @@ def place_scene(
     raise RuntimeError(f"no slot assignment satisfies {spec}")
 
 
-def render_scene(spec: SceneSpec, rng: random.Random | int | None = None, canonical: bool = False) -> torch.Tensor:
+def render_scene(
+    spec: SceneSpec, rng: random.Random | int | None = None, canonical: bool = False
+) -> torch.Tensor:
     """A ``(GRID, GRID)`` long grid showing ``spec`` in random (or canonical) slots that satisfy it."""
     return place_scene(spec, rng, canonical)[0]

@@ -116,11 +116,16 @@ def _exist_question(rng: random.Random, split: str) -> tuple[list[Obj], str, str
         other_color = rng.choice([c for c in _colors(shape, split) if c != color])
         other_shape = rng.choice([
             s for s in SHAPES
-            if s != shape and color in _colors(s, split) and (split == "test" or {s, shape} not in HELD_OUT_PAIRS)
+            if s != shape and color in _colors(s, split)
+            and (split == "test" or {s, shape} not in HELD_OUT_PAIRS)
         ])  # fmt: skip
         objs = [(shape, other_color), (other_shape, color)]
     for s, c in _distractors(rng, split, MAX_OBJECTS - len(objs), set()):
-        objs.append((s, c) if (s, c) != (shape, color) else (s, rng.choice([x for x in _colors(s, split) if x != color])))
+        objs.append(
+            (s, c)
+            if (s, c) != (shape, color)
+            else (s, rng.choice([x for x in _colors(s, split) if x != color]))
+        )
     rng.shuffle(objs)
     article = "an" if color[0] in "aeiou" else "a"
     question = QUESTION_TEMPLATES["exist"].format(article=article, color=color, shape=shape)
@@ -156,7 +161,9 @@ def _scene(
         rel, a, b = relation
         specs[a] = ObjectSpec(objs[a][0], objs[a][1], (rel, b))
     grid, placed = place_scene(SceneSpec(tuple(specs)), rng)
-    if relation is not None and relative_position(placed[relation[1]].bbox, placed[relation[2]].bbox) != {relation[0]}:
+    if relation is not None and (
+        relative_position(placed[relation[1]].bbox, placed[relation[2]].bbox) != {relation[0]}
+    ):
         return None  # a diagonal offset would make the one-word answer ambiguous
     return grid.flatten().tolist(), placed
 
