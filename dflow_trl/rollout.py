@@ -50,6 +50,7 @@ def rollout(
     group_size: int = 1,
     record_greedy: bool = False,
     time_power: float = 1.0,
+    record_entropy: bool = False,
 ) -> Trajectory:
     """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
 
@@ -83,6 +84,7 @@ def rollout(
                 branch_steps=None if branch_steps is None else branch_steps[s : s + chunk],
                 group_size=group_size,
                 record_greedy=record_greedy,
+                record_entropy=record_entropy,
             )
         )
     if len(parts) == 1:

@@ -225,7 +225,9 @@ class Trajectory:
 
     ``states`` is ``(B, K+1, D)``; ``times`` ``(K+1,)``; per-step fields are ``(B, K, D, ...)``.
     ``greedy`` (``(B, K, D)``, when recorded) is ``argmax p^θ_{1|t}(· | x_k)`` per step: the canvas
-    the posterior at ``x_k`` predicts, a function of ``x_k`` alone (a valid baseline for step k)."""
+    the posterior at ``x_k`` predicts, a function of ``x_k`` alone (a valid baseline for step k).
+    ``entropy`` (``(B, K)``, when recorded) is the posterior's entropy per step, averaged over the
+    canvas."""
 
     states: torch.LongTensor
     times: torch.Tensor
@@ -237,6 +239,7 @@ class Trajectory:
     draw_log_excess: torch.Tensor
     old_log_prob: torch.Tensor
     greedy: torch.LongTensor | None = None
+    entropy: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -254,8 +257,9 @@ class Trajectory:
     def to_dict(self, prefix: str = "flow_") -> dict[str, torch.Tensor]:
         """Batch-first tensors (times repeated per sample) for TRL's buffering/splitting."""
         out = {prefix + f.name: getattr(self, f.name) for f in fields(self) if f.name != "times"}
-        if self.greedy is None:
-            del out[prefix + "greedy"]
+        for name in ("greedy", "entropy"):
+            if getattr(self, name) is None:
+                del out[prefix + name]
         out[prefix + "times"] = self.times.unsqueeze(0).expand(self.states.shape[0], -1)
         return out
 
@@ -301,6 +305,7 @@ def sample_trajectory(
     branch_steps: torch.LongTensor | None = None,
     group_size: int = 1,
     record_greedy: bool = False,
+    record_entropy: bool = False,
 ) -> Trajectory:
     """Roll ``x0`` (``(B, D)``) from ``t = 0`` to ``t = 1`` with the Euler-jump sampler.
 
@@ -312,7 +317,8 @@ def sample_trajectory(
     from ``x_k`` on each row draws independently, so the rows are i.i.d. given ``x_k`` and their
     mean reward is an unbiased value of ``x_k`` (step-level credit).
 
-    ``record_greedy`` also keeps each step's posterior argmax (``Trajectory.greedy``).
+    ``record_greedy`` also keeps each step's posterior argmax (``Trajectory.greedy``),
+    ``record_entropy`` its mean entropy over the canvas (``Trajectory.entropy``).
     """
     if times is None:
         times = time_grid(num_steps if num_steps is not None else 8, device=x0.device)
@@ -327,13 +333,16 @@ def sample_trajectory(
     leader = _branch_leaders(x0.shape[0], branch_steps, group_size, x0.device)
     if leader is not None:
         x0 = x0[leader(0)]
-    x, records, greedy = x0, [], []
+    x, records, greedy, entropy = x0, [], [], []
     for k in range(times.numel() - 1):
         t, h = float(times[k]), float(times[k + 1] - times[k])
         uncond = uncond_logits_fn(x, t) if cfg_scale != 0 else None
-        probs = guided_log_probs(logits_fn(x, t), uncond, cfg_scale, temperature).exp()
+        log_probs = guided_log_probs(logits_fn(x, t), uncond, cfg_scale, temperature)
+        probs = log_probs.exp()
         if record_greedy:
             greedy.append(probs.argmax(-1))
+        if record_entropy:
+            entropy.append(-(probs * log_probs.nan_to_num(neginf=0.0)).sum(-1).mean(-1))
         rec = sample_step_recorded(path, probs, x, t, h, generator, num_draws, head_size)
         if leader is not None:
             rows = leader(k + 1)
@@ -343,4 +352,5 @@ def sample_trajectory(
     stacked = {name: torch.stack([getattr(r, name) for r in records], dim=1) for name in _PER_STEP}
     states = torch.stack([x0] + [r.x_next for r in records], dim=1)
     greedy_canvas = torch.stack(greedy, dim=1) if record_greedy else None
-    return Trajectory(states=states, times=times, greedy=greedy_canvas, **stacked)
+    step_entropy = torch.stack(entropy, dim=1) if record_entropy else None
+    return Trajectory(states=states, times=times, greedy=greedy_canvas, entropy=step_entropy, **stacked)

@@ -632,3 +632,39 @@ def test_log_completions_writes_image_canvases_as_images(tmp_path, capsys):
     assert len(table) == 4 and all(c.startswith("<image ") for c in table["completion"])
     assert [len(i) for i in trainer._logs["images"]] == [1] * 4
     assert "<image " in capsys.readouterr().out
+
+
+def _tie_on_red(prompts, completions, completion_ids, **kwargs) -> list[float]:
+    """``count_reward``, except that every "red" prompt gets 1: their groups' advantages are 0."""
+    counts = count_reward(prompts, completions, completion_ids)
+    return [1.0 if "red" in p else c for p, c in zip(prompts, counts)]
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"step_baseline": "greedy"}, {"num_iterations": 2}, {"estimator": "posterior_only"}]
+)
+def test_skipping_zero_advantage_rollouts_leaves_the_gradient_unchanged(tmp_path, extra):
+    """Rollouts whose groups tie are not re-scored (``skip_zero_advantage``): the gradient is the one
+    that scoring every rollout gives, and their logged entropy is the rollout's."""
+    kw = dict(estimator="top_k", per_device_train_batch_size=16, num_generations=4, scale_rewards="group")
+    trainer = make_trainer(tmp_path, reward=_tie_on_red, dataset=prompt_dataset(16), **{**kw, **extra})
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    rows = [dict(r) for r in prompt_dataset(4) for _ in range(4)]  # groups of 4, as TRL's sampler gives
+    batch = trainer._generate_and_score_completions(rows)
+    if extra.get("num_iterations"):
+        assert batch.get("old_per_token_logps") is not None
+    grads, entropy = {}, {}
+    for skip in (False, True):
+        trainer.args.skip_zero_advantage = skip
+        trainer.model.zero_grad(set_to_none=True)
+        trainer.compute_loss(trainer.model, batch).backward()
+        grads[skip] = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        entropy[skip] = trainer._metrics["train"]["entropy"][-1]
+    adv = batch["advantages"]
+    silent = (adv == 0).all(-1) if adv.dim() == 2 else adv == 0
+    assert silent[:4].all() and silent[12:].all()  # the "red" groups; row 0 is scored anyway (a graph)
+    assert trainer._metrics["train"]["flow/skipped_frac"][-1] == pytest.approx((silent.sum().item() - 1) / 16)
+    assert grads[True].abs().max() > 0
+    torch.testing.assert_close(grads[True], grads[False], atol=1e-7, rtol=1e-5)
+    assert entropy[True] == pytest.approx(entropy[False], rel=1e-4)

@@ -61,6 +61,12 @@ class DFlowGRPOConfig(GRPOConfig):
             **biased**: ``v_{k+1}`` depends on ``x_{k+1}``, so it is not a baseline, and the
             argmax prediction's reward is not ``E[R | x_{k+1}]``; it trades that bias for less
             noise. Costs one reward call per denoising step.
+        skip_zero_advantage: rollouts whose advantage is 0 at every trained step (groups whose rewards
+            all tie, under TRL's ``(R − mean_G R) / σ``) are not re-scored in the loss. Their loss term
+            is ``A · (…)`` with ``A = 0``, so the gradient is exactly the same; they get TRL's old
+            log-probability (ratio 1) and the rollout's posterior entropy for the logs. Applies only
+            when nothing else in the loss sees them: ``beta = 0``, ``entropy_coef = 0``, no adaptive
+            entropy and ``top_entropy_quantile = 1``; otherwise every rollout is scored.
         step_checkpointing: activation checkpointing per denoising step. The loss keeps only each
             trained step's ``(B,)`` log-probability and recomputes the step's forward during backward,
             so a micro-batch's memory no longer grows with the number of trained steps T (without it
@@ -114,6 +120,10 @@ class DFlowGRPOConfig(GRPOConfig):
     step_baseline_lambda: float = field(
         default=1.0,
         metadata={"help": "TD(λ) on the greedy values: 1 = unbiased baseline, < 1 = biased, less noisy credit."},
+    )
+    skip_zero_advantage: bool = field(
+        default=True,
+        metadata={"help": "Do not re-score rollouts with zero advantage (same gradient, less compute)."},
     )
     step_checkpointing: bool = field(
         default=False,

@@ -246,6 +246,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 group_size=self.num_generations,
                 record_greedy=args.step_baseline != "none" and mode == "train",
                 time_power=args.flow_time_power,
+                # The logs' entropy of rollouts the loss does not re-score (skip_zero_advantage).
+                record_entropy=args.skip_zero_advantage and mode == "train",
             )
         completions = flow_model.decode_canvas(traj.final, self.processing_class)
         if branch is not None:
@@ -401,8 +403,18 @@ class DFlowGRPOTrainer(GRPOTrainer):
         chunk = batch_size or self.args.per_device_train_batch_size
         posterior_only = self.args.estimator == "posterior_only"
         mode = "train" if self.model.training else "eval"
+        skip = self._zero_advantage_rows(rows) if torch.is_grad_enabled() else None
+        if skip is not None and skip.any():
+            # A = 0: the loss term is 0 whatever the log-probability, so take TRL's old one (ratio 1).
+            old = rows.get("old_per_token_logps")
+            logps[skip] = old[skip, : logps.shape[1]].detach() if old is not None else 0.0
+            if compute_entropy:
+                entropies[skip, :t_steps] = rows["flow_entropy"][skip].gather(1, step_index[skip]).to(entropies.dtype)
+            self._metrics[mode]["flow/skipped_frac"].append(skip.float().mean().item())
         for k in step_index.unique().tolist():
             sel = (step_index == k).nonzero()
+            if skip is not None:
+                sel = sel[~skip[sel[:, 0]]]
             for s in range(0, sel.shape[0], chunk):
                 i, j = sel[s : s + chunk, 0], sel[s : s + chunk, 1]
                 record = self._record(rows, i, k, final=posterior_only)
@@ -437,6 +449,20 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 "check that the model's logits are finite and that temperature/CFG match the rollouts"
             )
         return logps, (entropies if compute_entropy else None), None
+
+    def _zero_advantage_rows(self, rows: dict[str, Any]) -> torch.Tensor | None:
+        """``(B,)`` rows whose advantages are 0 at every step, when no loss term but ``A · (…)`` sees
+        them (``DFlowGRPOConfig.skip_zero_advantage``); ``None`` when every row must be scored."""
+        args = self.args
+        if not args.skip_zero_advantage or "flow_entropy" not in rows or "advantages" not in rows:
+            return None
+        if self.beta != 0 or args.entropy_coef != 0 or args.use_adaptive_entropy or args.top_entropy_quantile < 1:
+            return None
+        adv = rows["advantages"]
+        skip = (adv == 0).all(-1) if adv.dim() == 2 else adv == 0
+        # Score one row even then: the loss needs a graph, and under DDP every rank must run the model.
+        skip[0] = False
+        return skip
 
     def _score_step(
         self, model: Any, batch: FlowInputs, record: StepRecord, t: float, h: float, t_in: float, cfg: float,
