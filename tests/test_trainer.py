@@ -81,17 +81,22 @@ def test_full_finetune_trains_every_path_and_estimator(tmp_path, path, estimator
 
 @pytest.mark.parametrize(("path", "beta"), [("metric", 0.0), ("mask", 0.1), ("uniform", 0.1)])
 def test_lora_trains_only_adapters(tmp_path, path, beta):
-    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    peft = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+    )
     trainer = make_trainer(tmp_path, path, peft=peft, beta=beta, learning_rate=5e-2)
     trainable = _params(trainer.model)
     assert trainable and all("lora_" in n for n in trainable)
     frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if not p.requires_grad}
     trainer.train()
-    changed = [n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(trainable[n], p)]
+    changed = [
+        n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(trainable[n], p)
+    ]
     assert changed
     assert all(torch.equal(frozen[n], p) for n, p in trainer.model.named_parameters() if n in frozen)
     if beta:
-        assert "kl" in trainer.state.log_history[0] and trainer.ref_model is None  # reference = adapter disabled
+        # reference = adapter disabled
+        assert "kl" in trainer.state.log_history[0] and trainer.ref_model is None
     trainer.save_model(str(tmp_path / "adapter"))
     assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
     trainer.create_model_card(dataset_name="tiny-prompts")
@@ -124,7 +129,8 @@ def test_second_iteration_ratio_differs_from_one(tmp_path):
     mask = old_seen[1] != 0
     ratio = (seen[1] - old_seen[1])[mask].exp()
     assert (ratio - 1).abs().max() > 1e-4, "the second pass over the same rollouts must see a moved policy"
-    torch.testing.assert_close(seen[0][mask], old_seen[0][mask], atol=1e-5, rtol=1e-5)  # first pass: on-policy
+    # first pass: on-policy
+    torch.testing.assert_close(seen[0][mask], old_seen[0][mask], atol=1e-5, rtol=1e-5)
 
 
 def test_reward_for_a_token_raises_its_probability(tmp_path):
@@ -135,15 +141,25 @@ def test_reward_for_a_token_raises_its_probability(tmp_path):
 
     def mass_on_token_1() -> float:
         with torch.no_grad():
-            canvas = model.get_probability_path().sample_source((4, 6), generator=torch.Generator().manual_seed(0))
+            canvas = model.get_probability_path().sample_source(
+                (4, 6), generator=torch.Generator().manual_seed(0)
+            )
             ids = batch.with_canvas(canvas)
-            return torch.softmax(model(ids, batch.attention_mask, canvas_mask=batch.canvas_mask), -1)[..., 1].mean().item()
+            return (
+                torch.softmax(model(ids, batch.attention_mask, canvas_mask=batch.canvas_mask), -1)[..., 1]
+                .mean()
+                .item()
+            )
 
     before = mass_on_token_1()
-    trainer = make_trainer(tmp_path, model=model, max_steps=12, learning_rate=3e-2, num_flow_steps=4, include_last_step=True)
+    trainer = make_trainer(
+        tmp_path, model=model, max_steps=12, learning_rate=3e-2, num_flow_steps=4, include_last_step=True
+    )
     trainer.train()
     after = mass_on_token_1()
-    rewards = [h["rewards/count_reward/mean"] for h in trainer.state.log_history if "rewards/count_reward/mean" in h]
+    rewards = [
+        h["rewards/count_reward/mean"] for h in trainer.state.log_history if "rewards/count_reward/mean" in h
+    ]
     assert after > before + 0.1, (before, after)
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3
 
@@ -229,11 +245,17 @@ def test_bad_inputs_fail_before_any_compute(tmp_path):
     with pytest.raises(ValueError, match="too costly"):
         make_trainer(tmp_path, model=DFMTransformer(big), estimator="exact")
     with pytest.raises(ValueError, match="processing_class"):
-        DFlowGRPOTrainer(model=tiny_model(), reward_funcs=count_reward, args=make_args(tmp_path), train_dataset=prompt_dataset())
+        DFlowGRPOTrainer(
+            model=tiny_model(), reward_funcs=count_reward, args=make_args(tmp_path),
+            train_dataset=prompt_dataset(),
+        )
     with pytest.raises(TypeError, match="DFlowGRPOConfig"):
         from trl import GRPOConfig
 
-        DFlowGRPOTrainer(model=tiny_model(), reward_funcs=count_reward, args=GRPOConfig(str(tmp_path), use_cpu=True, bf16=False))
+        DFlowGRPOTrainer(
+            model=tiny_model(), reward_funcs=count_reward,
+            args=GRPOConfig(str(tmp_path), use_cpu=True, bf16=False),
+        )
 
 
 def test_model_given_as_path_loads_with_its_tokenizer(tmp_path):
@@ -241,8 +263,8 @@ def test_model_given_as_path_loads_with_its_tokenizer(tmp_path):
     model.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     trainer = DFlowGRPOTrainer(
-        model=str(tmp_path / "m"), reward_funcs=count_reward, args=make_args(tmp_path, max_steps=1, beta=0.05),
-        train_dataset=prompt_dataset(),
+        model=str(tmp_path / "m"), reward_funcs=count_reward,
+        args=make_args(tmp_path, max_steps=1, beta=0.05), train_dataset=prompt_dataset(),
     )
     trainer.train()
     assert trainer.ref_model is not None and math.isfinite(trainer.state.log_history[0]["loss"])
@@ -284,9 +306,12 @@ def test_qlora_4bit_trains_adapters_on_cpu(tmp_path):
     cfg.update(hidden_size=128, intermediate_size=256)
     DFMTransformer(DFMTransformerConfig(**cfg)).save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
     trainer = DFlowGRPOTrainer(
-        model=str(tmp_path / "m"), reward_funcs=count_reward, args=make_args(tmp_path, beta=0.05, learning_rate=5e-2),
+        model=str(tmp_path / "m"), reward_funcs=count_reward,
+        args=make_args(tmp_path, beta=0.05, learning_rate=5e-2),
         train_dataset=prompt_dataset(8), quantization_config=quant,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
     )
@@ -336,7 +361,9 @@ def test_time_conditioned_model_gets_the_step_time(tmp_path):
 
 @pytest.mark.parametrize("path", ["mask", "uniform", "metric"])
 def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
-    trainer = make_trainer(tmp_path, path, estimator="top_k", rollout_branching=True, per_device_train_batch_size=8)
+    trainer = make_trainer(
+        tmp_path, path, estimator="top_k", rollout_branching=True, per_device_train_batch_size=8
+    )
     seen = []
     original = trainer._generate
 
@@ -396,8 +423,8 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
     """Step k's advantage is TRL's minus ``c_k (b_k − mean_G b_k) / σ`` with ``b_k`` the reward of the
     posterior's argmax at x_k, and ``c_k = 1`` on the first batch (no earlier batch to fit it on)."""
     trainer = make_trainer(
-        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale, per_device_train_batch_size=8,
-        max_steps=2,
+        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale,
+        per_device_train_batch_size=8, max_steps=2,
     )
     seen = []
     original = trainer._step_advantages
@@ -613,7 +640,11 @@ def test_docs_table_names_every_grpo_config_field():
 
     text = (Path(__file__).parents[1] / "docs" / "trainer.md").read_text()
     section = text.split("## How GRPOConfig's knobs map onto denoising steps", 1)[1].split("\n## ", 1)[0]
-    first_cells = [re.sub(r"\(.*?\)", "", line.split(" | ")[0]) for line in section.splitlines() if line.startswith("| `")]
+    first_cells = [
+        re.sub(r"\(.*?\)", "", line.split(" | ")[0])
+        for line in section.splitlines()
+        if line.startswith("| `")
+    ]
     named = {m for cell in first_cells for m in re.findall(r"`([a-z_0-9]+)`", cell)}
     base = {f.name for f in dataclasses.fields(TrainingArguments)}
     fields = {f.name for f in dataclasses.fields(GRPOConfig)} - base

@@ -110,7 +110,12 @@ class DFlowGRPOConfig(GRPOConfig):
     )
     rollout_branching: bool = field(
         default=False,
-        metadata={"help": "Groups share their trajectory up to a random step and branch there; only that step is trained."},
+        metadata={
+            "help": (
+                "Groups share their trajectory up to a random step and branch there; "
+                "only that step is trained."
+            )
+        },
     )
     step_baseline: str = field(
         default="none",
@@ -119,7 +124,9 @@ class DFlowGRPOConfig(GRPOConfig):
     )
     step_baseline_lambda: float = field(
         default=1.0,
-        metadata={"help": "TD(λ) on the greedy values: 1 = unbiased baseline, < 1 = biased, less noisy credit."},
+        metadata={
+            "help": "TD(λ) on the greedy values: 1 = unbiased baseline, < 1 = biased, less noisy credit."
+        },
     )
     skip_zero_advantage: bool = field(
         default=True,
@@ -166,7 +173,8 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"step_baseline must be 'none' or 'greedy', got {self.step_baseline!r}")
         if self.step_baseline != "none" and self.estimator == "posterior_only":
             errors.append(
-                "step_baseline needs per-step scores; posterior_only scores the final sample once: use another estimator"
+                "step_baseline needs per-step scores; posterior_only scores the final sample once: "
+                "use another estimator"
             )
         if not 0.0 <= self.step_baseline_lambda <= 1.0:
             errors.append(f"step_baseline_lambda must be in [0, 1], got {self.step_baseline_lambda}")
@@ -179,12 +187,19 @@ class DFlowGRPOConfig(GRPOConfig):
         if self.num_train_steps_per_rollout is not None and self.num_train_steps_per_rollout < 1:
             errors.append("num_train_steps_per_rollout must be >= 1 or None")
         if self.rollout_branching and self.estimator == "posterior_only":
-            errors.append("rollout_branching trains one denoising step; posterior_only scores none: use another estimator")
+            errors.append(
+                "rollout_branching trains one denoising step; posterior_only scores none: "
+                "use another estimator"
+            )
         if self.rollout_branching and self.num_train_steps_per_rollout is not None:
-            errors.append("rollout_branching trains one step per rollout already: leave num_train_steps_per_rollout unset")
+            errors.append(
+                "rollout_branching trains one step per rollout already: "
+                "leave num_train_steps_per_rollout unset"
+            )
         if self.cfg_scale < 0 or self.cfg_scale_eval < 0:
             errors.append(
-                f"cfg_scale and cfg_scale_eval must be >= 0 (0: no guidance), got {self.cfg_scale} and {self.cfg_scale_eval}"
+                "cfg_scale and cfg_scale_eval must be >= 0 (0: no guidance), "
+                f"got {self.cfg_scale} and {self.cfg_scale_eval}"
             )
         if not self.flow_time_power > 0:
             errors.append(f"flow_time_power must be > 0, got {self.flow_time_power}")
@@ -226,7 +241,8 @@ _DECODING_FIELDS = (
 def _refused_grpo_fields(cfg: DFlowGRPOConfig) -> list[str]:
     """One error per decoding field set away from TRL's default."""
     return [
-        f"{name}={getattr(cfg, name)!r} does not apply to discrete-flow rollouts ({why}); leave it at {default!r}"
+        f"{name}={getattr(cfg, name)!r} does not apply to discrete-flow rollouts ({why}); "
+        f"leave it at {default!r}"
         for name, default, why in _DECODING_FIELDS
         if getattr(cfg, name) != default
     ]

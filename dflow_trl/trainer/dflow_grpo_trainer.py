@@ -93,17 +93,24 @@ class DFlowGRPOTrainer(GRPOTrainer):
         if args is None:
             args = DFlowGRPOConfig("dflow-grpo-output")
         if not isinstance(args, DFlowGRPOConfig):
-            raise TypeError(f"args must be a DFlowGRPOConfig, got {type(args).__name__}; build one with the same fields")
+            raise TypeError(
+                f"args must be a DFlowGRPOConfig, got {type(args).__name__}; build one with the same fields"
+            )
         if tools or rollout_func is not None or environment_factory is not None:
-            raise ValueError("tools, rollout_func and environment_factory are not supported by DFlowGRPOTrainer")
+            raise ValueError(
+                "tools, rollout_func and environment_factory are not supported by DFlowGRPOTrainer"
+            )
         if isinstance(model, str):
             path = model
-            model = load_flow_model(path, quantization_config=quantization_config, **(args.model_init_kwargs or {}))
+            model = load_flow_model(
+                path, quantization_config=quantization_config, **(args.model_init_kwargs or {})
+            )
             if processing_class is None:
                 processing_class = load_processing_class(path)
         if processing_class is None:
             raise ValueError(
-                "processing_class is required: pass the model's tokenizer (or give `model` as a path that holds it)"
+                "processing_class is required: pass the model's tokenizer "
+                "(or give `model` as a path that holds it)"
             )
         check_flow_model(model)
         flow_model = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -115,9 +122,12 @@ class DFlowGRPOTrainer(GRPOTrainer):
             raise ValueError("reward_funcs is required: pass one or more reward functions")
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         funcs = [_resolve_reward(f) for f in funcs]
-        funcs = [checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs]
+        funcs = [
+            checked_reward(f) if callable(f) and not isinstance(f, torch.nn.Module) else f for f in funcs
+        ]
         if peft_config is not None and getattr(peft_config, "task_type", None) is not None:
-            # Task-typed PEFT wrappers (e.g. CAUSAL_LM) assume generate()/labels; a DFM needs the plain wrapper.
+            # Task-typed PEFT wrappers (e.g. CAUSAL_LM) assume generate()/labels; a DFM needs the plain
+            # wrapper.
             peft_config = copy.copy(peft_config)
             peft_config.task_type = None
 
@@ -150,7 +160,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
             if sync_ref:
                 from trl.trainer.callbacks import SyncRefModelCallback
 
-                self.add_callback(SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator))
+                self.add_callback(
+                    SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator)
+                )
 
         self.flow_path = flow_model.get_probability_path()
         self._flow_rows_in: list[dict[str, Any]] | None = None
@@ -197,7 +209,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 steps.append(k)
         if not steps:
             raise ValueError(
-                f"no trainable denoising step among {num_steps}: raise num_flow_steps or set include_last_step=True"
+                f"no trainable denoising step among {num_steps}: "
+                "raise num_flow_steps or set include_last_step=True"
             )
         return steps
 
@@ -284,7 +297,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
         g = self.num_generations
         if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
             raise ValueError(
-                f"rollout_branching needs each process's batch to hold whole groups of {g} rollouts of one prompt; "
+                "rollout_branching needs each process's batch to hold whole groups of "
+                f"{g} rollouts of one prompt; "
                 "make per_device_train_batch_size a multiple of num_generations"
             )
         steps = torch.tensor(self._trainable_steps(num_steps), device=device)
@@ -391,7 +405,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
         compute_aux_loss=False, **_: Any,
     ):
-        """Per-step ``log π̂_θ(x_{k+1} | x_k)`` (``(B, T)``, aggregated over the canvas) for the trained steps."""
+        """Per-step ``log π̂_θ(x_{k+1} | x_k)`` (``(B, T)``, aggregated over the canvas) for the trained
+        steps."""
         rows = self._flow_current
         if rows is None or rows["flow_states"].shape[0] != input_ids.shape[0]:
             raise RuntimeError("DFlowGRPOTrainer: no trajectory matches this batch (internal error)")
@@ -409,7 +424,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
             old = rows.get("old_per_token_logps")
             logps[skip] = old[skip, : logps.shape[1]].detach() if old is not None else 0.0
             if compute_entropy:
-                entropies[skip, :t_steps] = rows["flow_entropy"][skip].gather(1, step_index[skip]).to(entropies.dtype)
+                entropies[skip, :t_steps] = (
+                    rows["flow_entropy"][skip].gather(1, step_index[skip]).to(entropies.dtype)
+                )
             self._metrics[mode]["flow/skipped_frac"].append(skip.float().mean().item())
         for k in step_index.unique().tolist():
             sel = (step_index == k).nonzero()
@@ -423,7 +440,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
                     rows["flow_attention_mask"][i],
                     rows["flow_canvas_mask"][i],
                     rows["flow_uncond_input_ids"][i] if "flow_uncond_input_ids" in rows else None,
-                    {key[len("flow_extra_") :]: v[i] for key, v in rows.items() if key.startswith("flow_extra_")},
+                    {
+                        key[len("flow_extra_") :]: v[i]
+                        for key, v in rows.items()
+                        if key.startswith("flow_extra_")
+                    },
                 )
                 t, h = float(times[k]), float(times[k + 1] - times[k])
                 t_in = 0.0 if posterior_only else t
@@ -440,12 +461,17 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 if compute_entropy:
                     entropies[i, j] = ent
                 if torch.is_grad_enabled() and not posterior_only:
-                    old = record.old_log_prob.mean(-1) if self.args.step_aggregation == "mean" else record.old_log_prob.sum(-1)
+                    old = (
+                        record.old_log_prob.mean(-1)
+                        if self.args.step_aggregation == "mean"
+                        else record.old_log_prob.sum(-1)
+                    )
                     drift = (agg.detach() - old).abs().mean().item()
                     self._metrics[mode][f"flow/abs_log_ratio/step_{k}"].append(drift)
         if not torch.isfinite(logps[:, :t_steps]).all():
             raise FloatingPointError(
-                "non-finite step log-probability: the posterior gave zero probability to a realised transition; "
+                "non-finite step log-probability: "
+                "the posterior gave zero probability to a realised transition; "
                 "check that the model's logits are finite and that temperature/CFG match the rollouts"
             )
         return logps, (entropies if compute_entropy else None), None
@@ -456,7 +482,12 @@ class DFlowGRPOTrainer(GRPOTrainer):
         args = self.args
         if not args.skip_zero_advantage or "flow_entropy" not in rows or "advantages" not in rows:
             return None
-        if self.beta != 0 or args.entropy_coef != 0 or args.use_adaptive_entropy or args.top_entropy_quantile < 1:
+        if (
+            self.beta != 0
+            or args.entropy_coef != 0
+            or args.use_adaptive_entropy
+            or args.top_entropy_quantile < 1
+        ):
             return None
         adv = rows["advantages"]
         skip = (adv == 0).all(-1) if adv.dim() == 2 else adv == 0
@@ -486,7 +517,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
         states = rows["flow_states"][i]
         if final:  # posterior_only: scored at the source, on the final sample
             empty = torch.zeros(*states.shape[0:1], states.shape[-1], 0, device=states.device)
-            return StepRecord(states[:, 0], states[:, -1], None, empty.long(), empty, empty.long(), empty, empty, None)
+            return StepRecord(
+                states[:, 0], states[:, -1], None, empty.long(), empty, empty.long(), empty, empty, None
+            )
         return StepRecord(
             x_t=states[:, k],
             x_next=states[:, k + 1],
@@ -517,7 +550,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 _log_images(self, images[: self.args.log_sample_images])
 
 
-def _td_lambda(values: dict[int, torch.Tensor], final: torch.Tensor, k: int, num_steps: int, lam: float) -> torch.Tensor:
+def _td_lambda(
+    values: dict[int, torch.Tensor], final: torch.Tensor, k: int, num_steps: int, lam: float
+) -> torch.Tensor:
     """``Σ_{l=k}^{K−1} λ^{l−k} (v_{l+1} − v_l)`` with ``v_K = final`` (``final − v_k`` at λ = 1)."""
     if lam == 1.0:
         return final - values[k]
@@ -578,7 +613,11 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
                 )
             return folder
         skipped.append(os.path.basename(folder))
-    detail = f" (incomplete: {skipped}; a save is complete once {TRAINER_STATE_NAME} is written)" if skipped else ""
+    detail = (
+        f" (incomplete: {skipped}; a save is complete once {TRAINER_STATE_NAME} is written)"
+        if skipped
+        else ""
+    )
     raise ValueError(f"no complete checkpoint in {output_dir} to resume from{detail}")
 
 
@@ -597,7 +636,8 @@ def _check_dataset(name: str, dataset: Any) -> None:
         clash = [c for c in ("image", "images") if c in cols]
         if clash:
             raise ValueError(
-                f"{name} has a column named {clash[0]!r}, which TRL treats as chat images for a VLM processor; "
+                f"{name} has a column named {clash[0]!r}, "
+                "which TRL treats as chat images for a VLM processor; "
                 "rename it (e.g. to 'scene_tokens' or 'image_path') and point the model's image column at it"
             )
 

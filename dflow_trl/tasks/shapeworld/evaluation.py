@@ -23,7 +23,13 @@ from .prompts import TAGS
 from .scoring import score_t2i
 from .tokenizer import decode_answer, normalize_answer
 
-__all__ = ["balanced_t2i_eval_set", "evaluate_t2i", "evaluate_vqa", "standard_error", "stratified_standard_error"]
+__all__ = [
+    "balanced_t2i_eval_set",
+    "evaluate_t2i",
+    "evaluate_vqa",
+    "standard_error",
+    "stratified_standard_error",
+]
 
 
 def balanced_t2i_eval_set(split: str = "test", per_tag: int = 10, seed: int = 0) -> Dataset:
@@ -55,7 +61,9 @@ def _task(model: Any, task: str) -> Iterator[Any]:
     """The base model switched to ``task`` for the block, then switched back."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "set_task"):
-        raise ValueError(f"{type(base).__name__} has no set_task; evaluation needs a DFMTransformer-like model")
+        raise ValueError(
+            f"{type(base).__name__} has no set_task; evaluation needs a DFMTransformer-like model"
+        )
     previous = base.task
     base.set_task(task)
     try:
@@ -64,7 +72,9 @@ def _task(model: Any, task: str) -> Iterator[Any]:
         base.set_task(previous)
 
 
-def _check_common(dataset: Dataset, columns: Sequence[str], num_steps: int, seeds: Sequence[int], batch_size: int) -> None:
+def _check_common(
+    dataset: Dataset, columns: Sequence[str], num_steps: int, seeds: Sequence[int], batch_size: int
+) -> None:
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(f"dataset lacks column(s) {missing}; it has {dataset.column_names}")
@@ -103,7 +113,12 @@ def _sampled_batches(
         for s in range(0, len(prompts), batch_size):
             batch_columns = {k: v[s : s + batch_size] for k, v in columns.items()}
             canvas, _ = generate(
-                model, prompts[s : s + batch_size], tokenizer, seed=_batch_seed(seed, s), **sampling, **batch_columns
+                model,
+                prompts[s : s + batch_size],
+                tokenizer,
+                seed=_batch_seed(seed, s),
+                **sampling,
+                **batch_columns,
             )
             yield s, canvas.cpu()
 
