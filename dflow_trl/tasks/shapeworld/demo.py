@@ -70,11 +70,15 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dflow-trl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="dflow-trl demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--output-dir", default="demo_output", help="where results, plots and the adapter go")
     ap.add_argument("--task", choices=["t2i", "understanding"], default="t2i")
     ap.add_argument("--train-minutes", type=float, default=None, help="time budget of the RL phase")
-    ap.add_argument("--max-steps", type=int, default=None, help="RL optimizer steps (stops earlier at the budget)")
+    ap.add_argument(
+        "--max-steps", type=int, default=None, help="RL optimizer steps (stops earlier at the budget)"
+    )
     ap.add_argument("--learning-rate", type=float, default=None)
     ap.add_argument("--estimator", choices=["monte_carlo", "top_k", "exact", "posterior_only"], default=None)
     ap.add_argument(
@@ -200,7 +204,9 @@ def _picture(eval_data: Any, base: dict[str, Any], final: dict[str, Any], out: P
     img.save(out / "samples_before_after.png")
 
 
-def _write_samples(eval_data: Any, base: dict[str, Any], final: dict[str, Any], seeds: tuple[int, ...], path: Path) -> None:
+def _write_samples(
+    eval_data: Any, base: dict[str, Any], final: dict[str, Any], seeds: tuple[int, ...], path: Path
+) -> None:
     """``samples.jsonl``: one line per scored sample, with its prompt, GenEval metadata, seed and
     the base and tuned 16×16 grids of palette token ids, so anyone can rescore them."""
     from .palette import GRID
@@ -240,7 +246,13 @@ def _reward_curve(history: list[dict[str, Any]], out: Path, key: str) -> None:
 
 
 def build_trainer(
-    model: Any, tok: Any, train_data: Any, cfg: dict[str, Any], output_dir: str | Path, seed: int, callbacks: list | None = None
+    model: Any,
+    tok: Any,
+    train_data: Any,
+    cfg: dict[str, Any],
+    output_dir: str | Path,
+    seed: int,
+    callbacks: list | None = None,
 ) -> Any:
     """The demo's ``DFlowGRPOTrainer``: LoRA of rank ``cfg["lora_r"]`` on every projection, one
     optimizer step per generation batch, constant learning rate, logging every step.
@@ -300,7 +312,8 @@ def _summary(task: str, base: dict[str, Any], final: dict[str, Any]) -> str:
     """A few lines for the console: the headline with standard errors, and each category."""
     key, groups = ("strict", "per_category") if task == "t2i" else ("accuracy", "per_qtype")
     lines = [
-        f"[demo] held-out {key}: {base[key]:.3f} ± {base[key + '_se']:.3f} → {final[key]:.3f} ± {final[key + '_se']:.3f}"
+        f"[demo] held-out {key}: {base[key]:.3f} ± {base[key + '_se']:.3f} "
+        f"→ {final[key]:.3f} ± {final[key + '_se']:.3f}"
     ]
     lines += [f"[demo]   {g:<14} {base[groups][g]:.2f} → {final[groups][g]:.2f}" for g in base[groups]]
     return "\n".join(lines)
@@ -341,7 +354,9 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         train_data = make_vqa_dataset("train", n=2000, seed=args.seed)
     what = "prompts" if task == "t2i" else "questions"
     if base is None:
-        print(f"[demo] scoring the base on {len(eval_data)} held-out {what} × {cfg['eval_samples']} samples …")
+        print(
+            f"[demo] scoring the base on {len(eval_data)} held-out {what} × {cfg['eval_samples']} samples …"
+        )
         base = _evaluate(task, model, tok, eval_data, cfg, args.seed)
     headline = "strict" if task == "t2i" else "accuracy"
     print(f"[demo] base held-out {headline}: {base[headline]:.3f} ± {base[headline + '_se']:.3f}")
@@ -356,7 +371,10 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     trainer.train()
     train_seconds = time.perf_counter() - t_train
     if trainer.state.global_step < cfg["max_steps"]:
-        print(f"[demo] the {cfg['train_minutes']:.1f}-minute safety budget stopped training at step {trainer.state.global_step}")
+        print(
+            f"[demo] the {cfg['train_minutes']:.1f}-minute safety budget stopped training at step "
+            f"{trainer.state.global_step}"
+        )
     policy = trainer.model
     policy.eval()
     print("[demo] scoring the tuned model …")
@@ -371,11 +389,14 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     if task == "t2i":
         if "samples" in base:
             _picture(eval_data, base, final, out)
-            _write_samples(eval_data, base, final, eval_seeds(args.seed, cfg["eval_samples"]), out / "samples.jsonl")
+            seeds = eval_seeds(args.seed, cfg["eval_samples"])
+            _write_samples(eval_data, base, final, seeds, out / "samples.jsonl")
         else:
             print("[demo] no picture or samples.jsonl: the base evaluation passed in holds no samples")
         # The grids are in samples.jsonl; results.json keeps the scores.
-        base, final = ({k: v for k, v in r.items() if k not in ("samples", "sample_strict")} for r in (base, final))
+        base, final = (
+            {k: v for k, v in r.items() if k not in ("samples", "sample_strict")} for r in (base, final)
+        )
     per_item = "per_prompt" if task == "t2i" else "per_question"
     diffs = [f - b for b, f in zip(base[per_item], final[per_item])]
     results = {
@@ -387,7 +408,9 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         "final_se": final[headline + "_se"],
         "improvement": final[headline] - base[headline],
         # Paired over the same prompts and noise: the standard error that the improvement itself has.
-        "improvement_se": stratified_standard_error(diffs, eval_data["tag"]) if task == "t2i" else standard_error(diffs),
+        "improvement_se": (
+            stratified_standard_error(diffs, eval_data["tag"]) if task == "t2i" else standard_error(diffs)
+        ),
         "samples_per_prompt": cfg["eval_samples"],
         "base": base,
         "final": final,
@@ -399,7 +422,10 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     written = ", samples.jsonl, samples_before_after.png" if task == "t2i" else ""
-    print(f"[demo] wrote {out}/results.json{written}, reward_curve.png, adapter/ in {results['wall_seconds']:.0f} s")
+    print(
+        f"[demo] wrote {out}/results.json{written}, reward_curve.png, adapter/ "
+        f"in {results['wall_seconds']:.0f} s"
+    )
     return results
 
 
