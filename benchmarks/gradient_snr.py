@@ -13,7 +13,8 @@ more steps (or larger batches) before the reward moves.
 
 A method is an estimator name, optionally with ``+branch`` (``rollout_branching``: one trained step
 per rollout, step-level credit) and/or ``+greedy`` (``step_baseline="greedy"``: step k's advantage
-takes the reward of the posterior's prediction at x_k as its baseline). ``seconds`` is the wall
+takes the reward of the posterior's prediction at x_k as its baseline) or ``+td`` (the same values
+as TD(0) credit, ``step_baseline_lambda=0``: biased). ``seconds`` is the wall
 time of the setting's R gradients, so ρ per second compares methods of different cost.
 
     python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only \\
@@ -41,8 +42,10 @@ def batch_gradients(
     """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts), their
     mean rewards, and per step the share of the advantage's variance a step baseline removed."""
     estimator, *variants = method.split("+")
-    if not set(variants) <= {"branch", "greedy"}:
-        raise SystemExit(f"unknown method {method!r}: use an estimator name, NAME+branch or NAME+greedy")
+    if not set(variants) <= {"branch", "greedy", "td"}:
+        raise SystemExit(
+            f"unknown method {method!r}: use an estimator name, NAME+branch, NAME+greedy or NAME+td"
+        )
     from datasets import Dataset
 
     from dflow_trl.rewards import get_reward_function
@@ -64,13 +67,15 @@ def batch_gradients(
         top_k_size=4,
         include_last_step=True,
         rollout_branching="branch" in variants,
-        step_baseline="greedy" if "greedy" in variants else "none",
+        step_baseline="greedy" if {"greedy", "td"} & set(variants) else "none",
+        step_baseline_lambda=0.0 if "td" in variants else 1.0,
+        flow_time_power=args.time_power,
         report_to="none",
         seed=args.seed,
     )
     trainer = DFlowGRPOTrainer(
         model=model,
-        reward_funcs=get_reward_function("shapeworld_partial"),
+        reward_funcs=get_reward_function(args.reward),
         args=cfg,
         train_dataset=Dataset.from_list([prompt_row]),
         processing_class=tok,
@@ -112,6 +117,8 @@ def main() -> None:
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--num-flow-steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4, help="independent gradients per setting (R)")
+    ap.add_argument("--reward", default="shapeworld_partial", help="training reward (a registered name)")
+    ap.add_argument("--time-power", type=float, default=1.0, help="time grid t_k = (k/K)^power")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="model folder (default: the shipped ShapeWorld model)")
     ap.add_argument("--output", default="benchmarks/results/gradient_snr")
