@@ -418,14 +418,8 @@ def test_non_finite_logits_are_named_as_such():
         path.check_posterior(probs)
 
 
-@pytest.mark.parametrize("scale", ["group", "batch", "none"])
-def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale):
-    """Step k's advantage is TRL's minus ``c_k (b_k − mean_G b_k) / σ`` with ``b_k`` the reward of the
-    posterior's argmax at x_k, and ``c_k = 1`` on the first batch (no earlier batch to fit it on)."""
-    trainer = make_trainer(
-        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale,
-        per_device_train_batch_size=8, max_steps=2,
-    )
+def _first_step_advantages(trainer) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Train, and return the first batch's rollout rows, TRL's advantages and the per-step ones."""
     seen = []
     original = trainer._step_advantages
 
@@ -436,7 +430,18 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
 
     trainer._step_advantages = spy
     trainer.train()
-    rows, trl_adv, adv = seen[0]
+    return seen[0]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale):
+    """Step k's advantage is TRL's minus ``c_k (b_k − mean_G b_k) / σ`` with ``b_k`` the reward of the
+    posterior's argmax at x_k, and ``c_k = 1`` on the first batch (no earlier batch to fit it on)."""
+    trainer = make_trainer(
+        tmp_path, estimator="top_k", step_baseline="greedy", scale_rewards=scale,
+        per_device_train_batch_size=8, max_steps=2,
+    )
+    rows, trl_adv, adv = _first_step_advantages(trainer)
     steps, greedy = rows["flow_step_index"], rows["flow_greedy"]
     assert adv.shape == steps.shape == (8, len(trainer._trainable_steps(4)))
     rewards = torch.tensor(count_reward(None, None, rows["flow_states"][:, -1].tolist()))
@@ -459,17 +464,7 @@ def test_td_lambda_credits_each_step_with_the_change_of_the_greedy_values(tmp_pa
         tmp_path, estimator="top_k", step_baseline="greedy", step_baseline_lambda=lam, scale_rewards="batch",
         per_device_train_batch_size=8, max_steps=1, train_steps="all",
     )
-    seen = []
-    original = trainer._step_advantages
-
-    def spy(inputs, advantages):
-        out = original(inputs, advantages)
-        seen.append((trainer._flow_current, advantages.clone(), out))
-        return out
-
-    trainer._step_advantages = spy
-    trainer.train()
-    rows, trl_adv, adv = seen[0]
+    rows, trl_adv, adv = _first_step_advantages(trainer)
     steps, greedy = rows["flow_step_index"], rows["flow_greedy"]
     rewards = torch.tensor(count_reward(None, None, rows["flow_states"][:, -1].tolist()))
     sigma = rewards.std() + 1e-4
