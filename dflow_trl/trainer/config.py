@@ -156,6 +156,11 @@ class DFlowGRPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.ddp_find_unused_parameters is None:
+            # A multimodal flow model runs one task's modules per run (a t2i DFM never uses its text
+            # head): under DDP with gradient checkpointing, transformers would assume every parameter
+            # is used and abort at the first backward.
+            self.ddp_find_unused_parameters = True
         errors = []
         if self.num_flow_steps < 1 or self.num_flow_steps_eval < 1:
             errors.append("num_flow_steps and num_flow_steps_eval must be >= 1")
