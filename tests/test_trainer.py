@@ -694,3 +694,11 @@ def test_skipping_zero_advantage_rollouts_leaves_the_gradient_unchanged(tmp_path
     assert grads[True].abs().max() > 0
     torch.testing.assert_close(grads[True], grads[False], atol=1e-7, rtol=1e-5)
     assert entropy[True] == pytest.approx(entropy[False], rel=1e-4)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    """docs/trainer.md: bf16 autocast runs on CPU too (the docs used to say it fails)."""
+    trainer = make_trainer(tmp_path, bf16=True, max_steps=1)
+    trainer.train()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
