@@ -47,6 +47,7 @@ def main() -> None:
     rows_out = []
     for i in range(args.batches):
         rows = [dict(prompts[per_batch * i + j]) for j in range(per_batch) for _ in range(g)]
+        trainer.args.skip_zero_advantage = True  # the rollout then records the entropies skipping needs
         t0 = time.perf_counter()
         batch = trainer._generate_and_score_completions(rows)
         rollout_s = time.perf_counter() - t0
