@@ -123,3 +123,37 @@ def test_stratified_standard_error_matches_the_spread_of_resampled_means():
     assert stratified_standard_error([0.0, 1.0], ["a", "b"]) == 0.0
     with pytest.raises(ValueError, match="strata"):
         stratified_standard_error([1.0], [])
+
+
+def test_a_lora_model_is_sampled_merged_and_left_unmerged(model, tokenizer):
+    """Evaluation merges a LoRA adapter into the base weights while sampling (faster, same samples)
+    and unmerges it after: the scores equal those of the unmerged model's samples, and the weights
+    are as before."""
+    import copy
+    from contextlib import nullcontext
+
+    from peft import LoraConfig, get_peft_model
+
+    import dflow_trl.tasks.shapeworld.evaluation as evaluation
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft = get_peft_model(copy.deepcopy(model), lora)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter, not the zero init
+    before = {k: v.clone() for k, v in peft.state_dict().items()}
+    ds = balanced_t2i_eval_set("test", per_tag=2)
+    merged = evaluate_t2i(peft, tokenizer, ds, num_steps=3, seeds=(0, 1), batch_size=6, return_samples=True)
+    assert all(torch.equal(v, peft.state_dict()[k]) for k, v in before.items())
+    assert not any(getattr(m, "merged", False) for m in peft.modules())
+    original = evaluation._merged_adapter
+    evaluation._merged_adapter = lambda m: nullcontext()
+    try:
+        unmerged = evaluate_t2i(
+            peft, tokenizer, ds, num_steps=3, seeds=(0, 1), batch_size=6, return_samples=True
+        )
+    finally:
+        evaluation._merged_adapter = original
+    assert merged["samples"] == unmerged["samples"]
+    base = evaluate_t2i(model, tokenizer, ds, num_steps=3, seeds=(0, 1), batch_size=6, return_samples=True)
+    assert base["samples"] != merged["samples"]  # the adapter changes what is sampled
