@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=list(METHODS))
     ap.add_argument(
-        "--max-steps", type=int, default=None, help="optimizer steps (default: 40 heldout, 12 prompt)"
+        "--max-steps", type=int, default=None, help="optimizer steps (heldout: the demo's; prompt: 12)"
     )
     ap.add_argument(
         "--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)"
