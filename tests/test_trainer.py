@@ -702,3 +702,19 @@ def test_bf16_autocast_trains_on_cpu(tmp_path):
     trainer.train()
     assert trainer.accelerator.mixed_precision == "bf16"
     assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_trl_arguments_pass_through_and_agent_loops_are_refused(tmp_path):
+    from transformers import TrainerCallback
+
+    class Marker(TrainerCallback):
+        pass
+
+    common = dict(
+        reward_funcs=count_reward, args=make_args(tmp_path), train_dataset=prompt_dataset(),
+        processing_class=tiny_tokenizer(),
+    )  # fmt: skip
+    trainer = DFlowGRPOTrainer(model=tiny_model(), callbacks=[Marker()], **common)
+    assert any(isinstance(c, Marker) for c in trainer.callback_handler.callbacks)
+    with pytest.raises(ValueError, match="tools, rollout_func: not supported"):
+        DFlowGRPOTrainer(model=tiny_model(), tools=[len], rollout_func=len, **common)

@@ -81,24 +81,25 @@ class DFlowGRPOTrainer(GRPOTrainer):
         train_dataset: Any = None,
         eval_dataset: Any = None,
         processing_class: Any = None,
-        reward_processing_classes: Any = None,
-        callbacks: Any = None,
-        optimizers: tuple = (None, None),
+        *,
         quantization_config: Any = None,
         peft_config: Any = None,
-        tools: Any = None,
-        rollout_func: Any = None,
-        environment_factory: Any = None,
+        **kwargs: Any,
     ) -> None:
+        """``GRPOTrainer``'s arguments. ``reward_processing_classes``, ``callbacks`` and ``optimizers``
+        pass through ``kwargs`` unchanged; ``tools``, ``rollout_func`` and ``environment_factory``
+        (autoregressive agents) are refused."""
         if args is None:
             args = DFlowGRPOConfig("dflow-grpo-output")
         if not isinstance(args, DFlowGRPOConfig):
             raise TypeError(
                 f"args must be a DFlowGRPOConfig, got {type(args).__name__}; build one with the same fields"
             )
-        if tools or rollout_func is not None or environment_factory is not None:
+        agentic = [k for k in ("tools", "rollout_func", "environment_factory") if kwargs.pop(k, None)]
+        if agentic:
             raise ValueError(
-                "tools, rollout_func and environment_factory are not supported by DFlowGRPOTrainer"
+                f"{', '.join(agentic)}: not supported by DFlowGRPOTrainer (a rollout is a denoising "
+                "trajectory, not an autoregressive agent loop)"
             )
         if isinstance(model, str):
             path = model
@@ -146,11 +147,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 train_dataset=train_dataset,
                 eval_dataset=eval_dataset,
                 processing_class=processing_class,
-                reward_processing_classes=reward_processing_classes,
-                callbacks=callbacks,
-                optimizers=optimizers,
                 quantization_config=quantization_config,
                 peft_config=peft_config,
+                **kwargs,
             )
         finally:
             args.beta, args.sync_ref_model = beta, sync_ref
