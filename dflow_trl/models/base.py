@@ -101,11 +101,26 @@ class DiscreteFlowModelMixin:
     * :meth:`get_probability_path` — the path ``p_t(x | x1)`` of the canvas;
     * :meth:`prepare_flow_inputs` — prompts (and dataset columns) → :class:`FlowInputs` with a
       placeholder canvas;
-    * :meth:`canvas_logits` — ``(B, D, V)`` posterior logits for the canvas;
+    * :meth:`canvas_logits` — ``(B, D, V)`` posterior logits for the canvas, which ``forward(input_ids,
+      attention_mask, canvas_mask=…, **extra)`` returns (the rollout and the loss call ``forward``,
+      so DDP and PEFT wrappers see every call);
     * :meth:`decode_canvas` — final canvas tokens → PIL images or strings.
+
+    Optional, with the defaults below:
+
+    * :attr:`wants_flow_time` — ``True`` if ``forward`` takes the flow time as ``flow_time=t``;
+    * :attr:`task` and :meth:`set_task` — for a model with several canvases (text-to-image and
+      understanding): which one it runs, and switching it (evaluation switches and restores it).
     """
 
     canvas_kind: CanvasKind = "image"
+    wants_flow_time: bool = False
+    task: str | None = None
+
+    def set_task(self, task: str) -> DiscreteFlowModelMixin:
+        raise NotImplementedError(
+            f"{type(self).__name__} has one canvas; there is no task {task!r} to switch to"
+        )
 
     def get_probability_path(self) -> ProbabilityPath:
         raise NotImplementedError
