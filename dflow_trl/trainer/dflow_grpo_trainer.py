@@ -426,6 +426,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 entropies[skip, :t_steps] = (
                     rows["flow_entropy"][skip].gather(1, step_index[skip]).to(entropies.dtype)
                 )
+        if skip is not None:
             self._metrics[mode]["flow/skipped_frac"].append(skip.float().mean().item())
         for k in step_index.unique().tolist():
             sel = (step_index == k).nonzero()
