@@ -49,3 +49,18 @@ def test_a_single_lora_target_module_given_as_a_yaml_string_trains(tmp_path):
     assert main(["train", "--config", str(recipe)]) == 0
     args = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert args["target_modules"] == ["q_proj"]
+
+
+def test_help_starts_without_importing_the_training_stack():
+    """``dflow-trl --help`` used to import TRL, PEFT and bitsandbytes (seconds, and a warning)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from dflow_trl.cli import main; main(['--help']); "
+        "heavy = [m for m in ('trl', 'peft', 'bitsandbytes', 'transformers') if m in sys.modules]; "
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: dflow-trl" in out
+    assert "HEAVY []" in out
