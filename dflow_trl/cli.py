@@ -43,12 +43,42 @@ class DFlowScriptArguments:
     )
 
 
+TRAIN_USAGE = "dflow-trl train --config RECIPE.yaml [--FIELD VALUE ...]"
+TRAIN_DESCRIPTION = (
+    "Train a discrete flow model with dFlowGRPO. A YAML recipe (--config) sets any field below; a "
+    "flag overrides it. The discrete-flow and recipe options come first; TrainingArguments, "
+    "GRPOConfig and ModelConfig follow. Options marked [not used] are refused or ignored: a rollout "
+    "is a denoising trajectory, not autoregressive decoding (docs/trainer.md has the table)."
+)
+
+
 def make_parser() -> Any:
-    from trl import ModelConfig, TrlParser
+    """TRL's parser over the recipe, ``DFlowGRPOConfig`` and ``ModelConfig`` fields, its help led by
+    the flow options and with the decoding / vLLM options marked as not used."""
+    import dataclasses
+
+    from trl import GRPOConfig, ModelConfig, TrlParser
 
     from .trainer import DFlowGRPOConfig
+    from .trainer.config import _DECODING_FIELDS
 
-    return TrlParser((DFlowScriptArguments, DFlowGRPOConfig, ModelConfig))
+    parser = TrlParser((DFlowScriptArguments, DFlowGRPOConfig, ModelConfig))
+    parser.prog, parser.usage, parser.description = "dflow-trl train", TRAIN_USAGE, TRAIN_DESCRIPTION
+    trl_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    flow = {f.name for f in dataclasses.fields(DFlowGRPOConfig)} - trl_fields
+    flow |= {f.name for f in dataclasses.fields(DFlowScriptArguments)}
+    unused = {name for name, _, _ in _DECODING_FIELDS} | {"use_vllm", "mask_truncated_completions"}
+    group = parser.add_argument_group("discrete-flow and recipe options")
+    options = parser._action_groups[1]
+    for action in list(options._group_actions):
+        if action.dest in flow:
+            options._group_actions.remove(action)
+            group._group_actions.append(action)
+        elif action.dest in unused or action.dest.startswith("vllm_"):
+            action.help = "[not used] " + (action.help or "")
+    parser._action_groups.remove(group)
+    parser._action_groups.insert(1, group)
+    return parser
 
 
 def load_prompt_dataset(name: str, split: str) -> Any:

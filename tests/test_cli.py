@@ -64,3 +64,15 @@ def test_help_starts_without_importing_the_training_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "usage: dflow-trl" in out
     assert "HEAVY []" in out
+
+
+def test_train_help_leads_with_the_flow_options_and_marks_unused_ones(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dflow-trl train --config RECIPE.yaml")
+    flow, rest = out.index("discrete-flow and recipe options:"), out.index("\noptions:")
+    assert flow < out.index("--num_flow_steps") < rest
+    assert out.index("--learning_rate") > rest
+    temperature = out[out.index("--temperature") :]
+    assert "[not used]" in temperature[: temperature.index("\n  --")]
