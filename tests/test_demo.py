@@ -51,3 +51,5 @@ def test_demo_writes_results_picture_and_adapter(tmp_path):
         (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
         and (tmp_path / "adapter" / "README.md").is_file()
     )
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f'PeftModel.from_pretrained(base, "{tmp_path / "adapter"}")' in card and "shapeworld-t2i" in card

@@ -104,6 +104,29 @@ def test_lora_trains_only_adapters(tmp_path, path, beta):
     assert "dflow-grpo" in card and "2605.09291" in card and "dFlowGRPO" in card
 
 
+def test_model_card_quick_start_loads_the_adapter_and_samples(tmp_path):
+    """The card names the base, the flow settings and a quick start that runs exactly as written."""
+    base_dir = tmp_path / "base"
+    tiny_model("metric").save_pretrained(base_dir)
+    tiny_tokenizer().save_pretrained(base_dir)
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(tmp_path, model=str(base_dir), peft=peft, max_steps=1, cfg_scale=1.5)
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card(dataset_name="tiny-prompts")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "None" not in card and "pipeline(" not in card
+    assert "library_name: peft" in card and "the local folder `base`" in card
+    assert "MetricInducedPath" in card and "| CFG scale / temperature | 1.5 / 1 |" in card
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "model card quick start", "exec"), scope)
+    tuned = trainer.model.merge_and_unload() if hasattr(trainer.model, "merge_and_unload") else trainer.model
+    reloaded = dict(scope["model"].named_parameters())
+    assert all(torch.allclose(p, reloaded[n], atol=1e-6) for n, p in tuned.named_parameters())
+    assert scope["canvas"].shape == (1, scope["model"].canvas_length)
+
+
 def test_second_iteration_ratio_differs_from_one(tmp_path):
     trainer = make_trainer(tmp_path, "metric", num_iterations=2, max_steps=2, epsilon=10.0)
     seen = []
@@ -621,6 +644,20 @@ def test_a_truncated_weights_file_is_named(tmp_path):
 def test_decoding_fields_are_refused_not_ignored(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"{field}=.* does not apply to discrete-flow rollouts"):
         make_args(tmp_path, **{field: value})
+
+
+def test_missing_tracker_is_refused_with_the_extra_that_installs_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    absent = lambda name, *a: None if name == "tensorboard" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", absent)
+    with pytest.raises(ValueError, match=r"report_to=\['tensorboard'\] needs tensorboard.*\.\[tracking\]"):
+        make_args(tmp_path, report_to="tensorboard")
+    make_args(tmp_path, report_to="none")  # nothing to install
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")) as f:
+        extra = next(line for line in f if line.startswith("tracking = "))
+    assert all(pkg in extra for pkg in ("tensorboard", "wandb", "trackio"))
 
 
 def test_docs_table_names_every_grpo_config_field():

@@ -216,6 +216,7 @@ class DFlowGRPOConfig(GRPOConfig):
                 "would mark every sample truncated and train nothing; leave it False"
             )
         errors += _refused_grpo_fields(self)
+        errors += _missing_trackers(self.report_to)
         if self.use_vllm:
             errors.append(
                 "use_vllm=True is not supported: vLLM has no discrete-flow sampler; rollouts run in-process"
@@ -252,3 +253,33 @@ def _refused_grpo_fields(cfg: DFlowGRPOConfig) -> list[str]:
         if getattr(cfg, name) != default
     ]
 
+
+# report_to name -> the module its transformers callback imports (`tracking` installs the first three).
+_TRACKER_MODULES = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "trackio": "trackio",
+    "comet_ml": "comet_ml",
+    "mlflow": "mlflow",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+}
+
+
+def _missing_trackers(report_to: list[str] | str | None) -> list[str]:
+    """Trackers named in ``report_to`` whose package is absent (transformers would fail at the first
+    log with a hint about PyTorch versions)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    missing = [
+        n for n in names if n in _TRACKER_MODULES and importlib.util.find_spec(_TRACKER_MODULES[n]) is None
+    ]
+    if not missing:
+        return []
+    return [
+        f"report_to={missing} needs {', '.join(_TRACKER_MODULES[n] for n in missing)} installed: "
+        "pip install -e \".[tracking]\" (TensorBoard, W&B, trackio) or pip install the package, "
+        "or set report_to='none'"
+    ]

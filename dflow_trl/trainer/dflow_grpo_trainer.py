@@ -44,6 +44,7 @@ from ..rewards.combine import checked_reward
 from ..rollout import flow_logits, rollout
 from ..sampling import StepRecord, guided_log_probs, time_grid
 from .config import DFlowGRPOConfig
+from .model_card import flow_model_card
 
 _CITATION = """\
 @article{wan2026dflowgrpo,
@@ -548,6 +549,20 @@ class DFlowGRPOTrainer(GRPOTrainer):
             self._flow_last_images = []
             if self.accelerator.is_main_process:
                 _log_images(self, images[: self.args.log_sample_images])
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+    ) -> None:
+        """Write ``README.md`` in ``output_dir``: the base model, the flow settings and a quick start
+        that loads this policy onto its DFM and samples (TRL's card is a text-generation pipeline)."""
+        if not self.is_world_process_zero():
+            return
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = flow_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
 
 
 def _td_lambda(

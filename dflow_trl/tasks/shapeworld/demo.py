@@ -386,9 +386,10 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     print(_summary(task, base, final))
 
     trainer.save_model(str(out / "adapter"))
-    trainer.create_model_card(dataset_name=f"shapeworld-{task}")
-    if (out / "README.md").exists():
-        (out / "adapter" / "README.md").write_text((out / "README.md").read_text())
+    from ...trainer.model_card import flow_model_card
+
+    card = flow_model_card(trainer, dataset_name=f"shapeworld-{task}", weights_path=str(out / "adapter"))
+    card.save(str(out / "adapter" / "README.md"))
     _reward_curve(trainer.state.log_history, out, reward_key)
     if task == "t2i":
         if "samples" in base:
