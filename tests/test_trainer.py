@@ -208,6 +208,55 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path):
         torch.testing.assert_close(p, q, msg=n)
 
 
+def test_ema_averages_the_adapter_is_saved_beside_it_evaluated_and_resumed(tmp_path):
+    """θ̄ follows θ̄ ← d θ̄ + (1 − d) θ on the update steps; ``ema/`` loads as an adapter holding θ̄;
+    ``evaluate`` runs with θ̄ and restores θ; a resumed run ends with the uninterrupted run's θ̄."""
+    from peft import PeftModel
+    from transformers import TrainerCallback
+
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    common = dict(
+        peft=peft, max_steps=4, ema_decay=0.6, ema_update_interval=2, learning_rate=5e-2,
+        save_strategy="steps", save_steps=2,
+    )  # fmt: skip
+    trainer = make_trainer(tmp_path / "a", dataset=prompt_dataset(8), **common)
+    expected = {n: p.detach().clone() for n, p in _params(trainer.model).items()}
+
+    class Track(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):  # runs after the EMA's own callback
+            if state.global_step % 2 == 0:
+                for n, p in _params(trainer.model).items():
+                    expected[n] = 0.6 * expected[n] + 0.4 * p
+
+    trainer.add_callback(Track())
+    trainer.train()
+    for n, value in expected.items():
+        torch.testing.assert_close(trainer.ema.shadow[n], value, msg=n)
+        assert not torch.allclose(value, dict(trainer.model.named_parameters())[n])
+    trainer.save_model()
+    out = tmp_path / "a" / "out"
+    assert (out / "ema" / "adapter_model.safetensors").is_file() and (out / "ema_state.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(tiny_model("metric"), str(out / "ema"))
+    for n, p in reloaded.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p, expected[n], msg=n)
+
+    live = _params(trainer.model)
+    seen = []
+    original = trainer.evaluation_loop
+    trainer.evaluation_loop = lambda *a, **k: (seen.append(_params(trainer.model)), original(*a, **k))[1]
+    trainer.evaluate(prompt_dataset(4))
+    assert all(torch.equal(seen[0][n], trainer.ema.shadow[n]) for n in expected)
+    assert all(torch.equal(p, live[n]) for n, p in _params(trainer.model).items())
+
+    resumed = make_trainer(tmp_path / "b", dataset=prompt_dataset(8), **common)
+    resumed.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    for n, value in expected.items():
+        torch.testing.assert_close(resumed.ema.shadow[n], value, msg=n)
+    with pytest.raises(ValueError, match="ema_decay must lie in"):
+        make_args(tmp_path, ema_decay=1.0)
+
+
 def test_none_rewards_follow_trl_semantics(tmp_path):
     def sometimes_none(prompts, completions, completion_ids, **kw):
         return [None if i % 2 else 1.0 for i in range(len(prompts))]

@@ -67,6 +67,12 @@ class DFlowGRPOConfig(GRPOConfig):
             log-probability (ratio 1) and the rollout's posterior entropy for the logs. Applies only
             when nothing else in the loss sees them: ``beta = 0``, ``entropy_coef = 0``, no adaptive
             entropy and ``top_entropy_quantile = 1``; otherwise every rollout is scored.
+        ema_decay: keep an exponential moving average ``θ̄ ← d θ̄ + (1 − d) θ`` of the trained
+            weights (the adapter's, with PEFT), updated every ``ema_update_interval`` optimizer
+            steps; 0 (default) is off. When on, ``save_model`` and every checkpoint also write
+            ``ema/`` (the averaged weights, loadable like the main ones) and ``evaluate`` runs with
+            ``θ̄``. Flow-GRPO uses ``d = 0.9`` every 8 steps.
+        ema_update_interval: optimizer steps between EMA updates.
         step_checkpointing: activation checkpointing per denoising step. The loss keeps only each
             trained step's ``(B,)`` log-probability and recomputes the step's forward during backward,
             so a micro-batch's memory no longer grows with the number of trained steps T (without it
@@ -131,6 +137,13 @@ class DFlowGRPOConfig(GRPOConfig):
     skip_zero_advantage: bool = field(
         default=True,
         metadata={"help": "Do not re-score rollouts with zero advantage (same gradient, less compute)."},
+    )
+    ema_decay: float = field(
+        default=0.0,
+        metadata={"help": "EMA of the trained weights, θ̄ ← d θ̄ + (1 − d) θ (0: off; Flow-GRPO: 0.9)."},
+    )
+    ema_update_interval: int = field(
+        default=1, metadata={"help": "Optimizer steps between EMA updates (Flow-GRPO: 8)."}
     )
     step_checkpointing: bool = field(
         default=False,
@@ -206,6 +219,10 @@ class DFlowGRPOConfig(GRPOConfig):
                 "cfg_scale and cfg_scale_eval must be >= 0 (0: no guidance), "
                 f"got {self.cfg_scale} and {self.cfg_scale_eval}"
             )
+        if not 0.0 <= self.ema_decay < 1.0:
+            errors.append(f"ema_decay must lie in [0, 1) (0: no EMA), got {self.ema_decay}")
+        if self.ema_update_interval < 1:
+            errors.append(f"ema_update_interval must be >= 1, got {self.ema_update_interval}")
         if not self.flow_time_power > 0:
             errors.append(f"flow_time_power must be > 0, got {self.flow_time_power}")
         if self.flow_temperature <= 0:

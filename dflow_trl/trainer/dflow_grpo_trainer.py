@@ -44,6 +44,7 @@ from ..rewards.combine import checked_reward
 from ..rollout import flow_logits, rollout
 from ..sampling import StepRecord, guided_log_probs, time_grid
 from .config import DFlowGRPOConfig
+from .ema import EMA_STATE_NAME, EMACallback, ParameterEMA
 from .model_card import flow_model_card
 
 _CITATION = """\
@@ -164,6 +165,10 @@ class DFlowGRPOTrainer(GRPOTrainer):
                     SyncRefModelCallback(ref_model=self.ref_model, accelerator=self.accelerator)
                 )
 
+        self.ema = None
+        if args.ema_decay > 0:
+            self.ema = ParameterEMA(self.model, args.ema_decay, args.ema_update_interval)
+            self.add_callback(EMACallback(self.ema))
         self.flow_path = flow_model.get_probability_path()
         self._flow_rows_in: list[dict[str, Any]] | None = None
         self._flow_current: dict[str, Any] | None = None
@@ -188,7 +193,33 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 "which is written last): it was probably interrupted while saving; resume from an earlier "
                 "one, or pass resume_from_checkpoint=True to pick the newest complete one"
             )
+        if self.ema is not None and isinstance(resume_from_checkpoint, str):
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, EMA_STATE_NAME)):
+                raise ValueError(
+                    f"{resume_from_checkpoint} holds no {EMA_STATE_NAME}: it was saved without EMA, so "
+                    "ema_decay > 0 cannot resume it exactly; resume with ema_decay=0 or start a new run"
+                )
+            self.ema.load(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- EMA --------------------------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``Trainer._save``; with EMA on, also the averaged weights in ``output_dir/ema`` (loadable
+        like the main ones) and their fp32 state for resuming."""
+        super()._save(output_dir, state_dict)
+        if self.ema is None or not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        with self.ema.applied():
+            super()._save(os.path.join(output_dir, "ema"))
+        self.ema.save(output_dir)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``, with the EMA weights when ``ema_decay > 0``."""
+        if self.ema is None:
+            return super().evaluate(*args, **kwargs)
+        with self.ema.applied():
+            return super().evaluate(*args, **kwargs)
 
     # ---- steps ------------------------------------------------------------------------------------
     def _flow_model(self) -> Any:
