@@ -1,9 +1,10 @@
-"""Reward server and RemoteReward client on loopback: round trips, auth, limits, timeouts, down and
-garbage servers."""
+"""Reward server and RemoteReward client on loopback: round trips, auth, limits, timeouts, dropped work,
+slow and surplus connections, down and garbage servers."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 
 from dflow_trl.rewards import get_reward_function
+from dflow_trl.rewards import server as server_module
 from dflow_trl.rewards.remote import RemoteReward, RemoteRewardError
 from dflow_trl.rewards.server import main, make_server, parse_reward_spec
 
@@ -139,11 +141,13 @@ def test_server_rejects_malformed_payloads(server):
     assert post(url, json.dumps(payload).encode())[0] == 400
 
 
-def test_slow_reward_times_out_and_is_retried(server):
-    remote = RemoteReward(server.url, TOKEN, reward="slow", retries=1, backoff=0.01)
+def test_slow_reward_times_out_and_is_retried_when_asked(server):
+    remote = RemoteReward(server.url, TOKEN, reward="slow", retries=1, backoff=0.01, retry_timeouts=True)
     start = time.monotonic()
     with pytest.raises(
-        RemoteRewardError, match=r"gave no answer after 2 attempts \(HTTP 504: reward 'slow' took longer"
+        RemoteRewardError,
+        # The retry waits behind the first attempt, still running, and is dropped unrun at its deadline.
+        match=r"gave no answer after 2 attempts \(HTTP 504: reward 'slow' did not start .*dropped without",
     ):
         remote(["a"], [Image.new("RGB", (4, 4))])
     assert time.monotonic() - start < 3
@@ -257,3 +261,170 @@ def test_main_serves_in_a_separate_process():
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+def length(prompts, completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+@contextlib.contextmanager
+def running(rewards, **options):
+    srv, thread = serve(rewards, **options)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
+
+
+def test_refusals_of_a_large_batch_reach_the_client(monkeypatch):
+    # A reply sent before the body is read used to be followed by a close with the body unread, which the
+    # client, still sending, saw as a broken pipe.
+    monkeypatch.delenv("DFLOW_TRL_REWARD_TOKEN", raising=False)
+    big = ["x" * (16 << 20)]
+    with running([length], token=TOKEN, max_request_bytes=64 << 20) as srv:
+        for token, sent in (("wrong", "a token that the server does not accept"), (None, "no token")):
+            with pytest.raises(
+                RemoteRewardError, match=rf"refused the token: HTTP 401: missing .*sent {sent}"
+            ):
+                RemoteReward(srv.url, token, retries=0)(["a"], big)
+        with pytest.raises(RemoteRewardError, match="HTTP 404: no reward at /score/nope"):
+            RemoteReward(srv.url, TOKEN, reward="nope", retries=0)(["a"], big)
+        assert RemoteReward(srv.url, TOKEN)(["a"], big) == [float(16 << 20)]
+
+
+def png_b64(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_pixel_budget_is_checked_from_png_headers_before_decoding(monkeypatch):
+    decoded = []
+    real_decode = server_module.decode_request
+
+    def spy(body, max_pixels):
+        decoded.append(len(body))
+        return real_decode(body, max_pixels)
+
+    monkeypatch.setattr(server_module, "decode_request", spy)
+    huge = {"image": png_b64(Image.new("1", (8192, 8192)))}  # a few KB of PNG, 192 MiB once decoded as RGB
+    payload = json.dumps({"prompts": ["a"] * 4, "completions": [huge] * 4}).encode()
+    assert len(payload) < 100_000
+    with running([redness]) as srv:  # the default budget, 64 Mi pixels
+        start = time.monotonic()
+        status, body = post(f"{srv.url}/score", payload)
+        assert time.monotonic() - start < 1.0
+        assert status == 413 and decoded == []
+        assert "4 images have 268435456 pixels in all (largest 8192x8192)" in body["error"]
+        assert "send fewer or smaller images per batch, or raise --max-pixels-per-request" in body["error"]
+    with running([redness], max_pixels_per_request=1000) as srv:
+        images = [Image.new("RGB", (16, 16), "red")] * 4
+        with pytest.raises(RemoteRewardError, match=r"HTTP 413: the request's 4 images have 1024 pixels"):
+            RemoteReward(srv.url)(["a"] * 4, images)
+        assert RemoteReward(srv.url)(["a"] * 3, images[:3]) == [1.0] * 3
+        assert len(decoded) == 1
+
+
+def test_timed_out_batch_is_not_retried_by_default(server):
+    remote = RemoteReward(server.url, TOKEN, reward="slow", retries=3, backoff=0.01)
+    start = time.monotonic()
+    with pytest.raises(
+        RemoteRewardError,
+        match=r"timed out on the batch: HTTP 504: reward 'slow' did not finish within 0.3s .*retry_timeouts",
+    ):
+        remote(["a"], ["x"])
+    assert time.monotonic() - start < 0.9  # one attempt, not four
+
+
+def wait_for(condition, timeout=3.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def busy_reward(calls):
+    def busy(prompts, completions, **kwargs):
+        calls.append(prompts[0])
+        time.sleep(0.6)
+        return [0.0] * len(completions)
+
+    return busy
+
+
+def test_queued_batches_past_their_deadline_never_run():
+    calls, errors = [], {}
+
+    def call(tag):
+        try:
+            RemoteReward(srv.url, retries=0)([tag], ["x"])
+        except RemoteRewardError as error:
+            errors[tag] = str(error)
+
+    with running({"busy": busy_reward(calls)}, timeout=0.3) as srv:
+        threads = [threading.Thread(target=call, args=(tag,)) for tag in "abc"]
+        threads[0].start()
+        wait_for(lambda: calls)
+        for thread in threads[1:]:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=5)
+        time.sleep(0.5)  # "a" finished by now and, before the fix, "b" and "c" started after it
+        assert calls == ["a"]
+    assert "did not finish within 0.3s" in errors["a"] and "result will be dropped" in errors["a"]
+    for tag in "bc":
+        assert "did not start within 0.3s" in errors[tag] and "dropped without running" in errors[tag]
+
+
+def test_queued_batch_of_a_client_that_went_away_never_runs():
+    calls, results = [], []
+    with running({"busy": busy_reward(calls)}, timeout=5) as srv:
+        first = threading.Thread(target=lambda: results.append(RemoteReward(srv.url)(["a"], ["x"])))
+        first.start()
+        wait_for(lambda: calls)
+        body = b'{"prompts": ["b"], "completions": [{"text": "x"}]}'
+        with socket.create_connection(srv.server_address[:2]) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        first.join(timeout=5)
+        time.sleep(0.3)
+        assert results == [[0.0]] and calls == ["a"]
+
+
+def test_silent_and_half_sent_connections_are_closed_after_the_header_timeout():
+    with running([length], header_timeout=0.3) as srv:
+        sockets = [socket.create_connection(srv.server_address[:2]) for _ in range(20)]
+        try:
+            for sock in sockets[::2]:
+                sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Le")
+            start = time.monotonic()
+            for sock in sockets:
+                sock.settimeout(3)
+                assert sock.recv(1) == b""  # closed by the server
+            assert time.monotonic() - start < 2
+            assert RemoteReward(srv.url)(["a"], ["xyz"]) == [3.0]
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+def test_connections_past_the_limit_get_503_until_a_slot_frees():
+    with running([length], max_connections=3, header_timeout=5) as srv:
+        address = srv.server_address[:2]
+        idle = [socket.create_connection(address) for _ in range(3)]
+        try:
+            with socket.create_connection(address, timeout=3) as extra:
+                reply = b"".join(iter(lambda: extra.recv(4096), b""))
+            assert reply.startswith(b"HTTP/1.0 503")
+            assert b"already has 3 connections open (--max-connections)" in reply
+        finally:
+            for sock in idle:
+                sock.close()
+        assert RemoteReward(srv.url, retries=5, backoff=0.05)(["a"], ["xyz"]) == [3.0]
+
+
+def test_main_refuses_non_positive_limits(capsys):
+    for option in ("--max-connections", "--header-timeout", "--max-pixels-per-request"):
+        assert main(["--reward", "mc_letter", "--port", "0", option, "0"]) == 2
+        assert "must be positive" in capsys.readouterr().err

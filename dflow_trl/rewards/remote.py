@@ -14,8 +14,9 @@ from .wire import encode_request
 
 TOKEN_ENV = "DFLOW_TRL_REWARD_TOKEN"
 
-# Worth another try: the server is busy, restarting, or a proxy in front of it is.
-_RETRY_STATUSES = frozenset({502, 503, 504})
+# Worth another try: the server is busy, restarting, or a proxy in front of it is. A 504 is not: the server
+# (or a proxy) gave up on this very batch, and sending it again only queues the same work once more.
+_RETRY_STATUSES = frozenset({502, 503})
 
 
 class RemoteRewardError(RuntimeError):
@@ -25,9 +26,10 @@ class RemoteRewardError(RuntimeError):
 class RemoteReward:
     """POST each batch to ``{url}/score/{reward}`` and return the server's rewards.
 
-    Connection failures, timeouts and 502/503/504 answers are retried ``retries`` times with exponential
-    backoff; other errors (bad token, request too large, the reward raising) fail at once with the
-    server's message.
+    Connection failures, client-side timeouts and 502/503 answers are retried ``retries`` times with
+    exponential backoff; a 504 (the server's ``--timeout`` ran out on the batch) only with
+    ``retry_timeouts=True``. Other errors (bad token, request too large, the reward raising) fail at once
+    with the server's message.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class RemoteReward:
         name: str | None = None,
         columns: list[str] | None = None,
         backoff: float = 0.5,
+        retry_timeouts: bool = False,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"reward server url must start with http:// or https://, got {url!r}")
@@ -54,6 +57,7 @@ class RemoteReward:
         self.retries = retries
         self.columns = columns
         self.backoff = backoff
+        self.retry_timeouts = retry_timeouts
         self.__name__ = name or (f"remote_{reward}" if reward else "remote")
 
     def _post(self, body: bytes) -> bytes:
@@ -71,11 +75,10 @@ class RemoteReward:
                     return response.read()
             except urllib.error.HTTPError as error:
                 message = _server_message(error)
-                if error.code not in _RETRY_STATUSES:
-                    raise RemoteRewardError(
-                        f"reward server {self.endpoint} refused the batch: HTTP {error.code}: {message}"
-                    ) from error
-                last_error = f"HTTP {error.code}: {message}"
+                if error.code in _RETRY_STATUSES or (error.code == 504 and self.retry_timeouts):
+                    last_error = f"HTTP {error.code}: {message}"
+                    continue
+                raise RemoteRewardError(self._refusal(error.code, message)) from error
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
                 reason = getattr(error, "reason", error)
                 last_error = f"{type(reason).__name__}: {reason}"
@@ -83,6 +86,21 @@ class RemoteReward:
             f"reward server {self.endpoint} gave no answer after {attempts} attempts ({last_error}); "
             "check that `dflow-trl reward-server` is running there and reachable, or raise timeout/retries"
         )
+
+    def _refusal(self, code: int, message: str) -> str:
+        if code == 401:
+            sent = "a token that the server does not accept" if self.token else "no token"
+            return (
+                f"reward server {self.endpoint} refused the token: HTTP 401: {message}; this client sent "
+                f"{sent}. Pass token= (or set ${TOKEN_ENV}) to the value of the server's --token"
+            )
+        if code == 504:
+            return (
+                f"reward server {self.endpoint} timed out on the batch: HTTP 504: {message}. Not retried, "
+                "since a retry queues the same work again; raise the server's --timeout, send smaller "
+                "batches, or pass retry_timeouts=True"
+            )
+        return f"reward server {self.endpoint} refused the batch: HTTP {code}: {message}"
 
     def __call__(
         self, prompts: list, completions: list, completion_ids: Any = None, **kwargs: Any
