@@ -28,7 +28,6 @@ def run_one(what: str, batch: int, repeats: int) -> dict:
 
     from dflow_trl.likelihood import get_estimator
     from dflow_trl.paths import MetricInducedPath
-    from dflow_trl.sampling import sample_step_recorded
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -44,7 +43,7 @@ def run_one(what: str, batch: int, repeats: int) -> dict:
     if what.startswith("rollout"):
         for _ in range(repeats):
             t0 = time.perf_counter()
-            sample_step_recorded(path, probs, x_t, t, h, num_draws=est.num_draws, head_size=est.head_size)
+            est.record(path, probs, x_t, t, h)
             times.append(time.perf_counter() - t0)
     elif what == "exact:4pos":
         sub = probs[0, :4].double()
@@ -54,7 +53,7 @@ def run_one(what: str, batch: int, repeats: int) -> dict:
             path.step_log_prob(sub, x_t[0, :4], y, t, h)
             times.append(time.perf_counter() - t0)
     else:
-        rec = sample_step_recorded(path, probs, x_t, t, h, num_draws=est.num_draws, head_size=est.head_size)
+        rec = est.record(path, probs, x_t, t, h)
         base = _rss_mb()
         for _ in range(repeats):
             lg = logits.clone().requires_grad_(True)

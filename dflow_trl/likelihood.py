@@ -1,9 +1,12 @@
-"""Estimators of the per-step policy ``log π_θ(x_{k+1} | x_k)``, one interface.
+"""Estimators of the per-step policy ``log π_θ(x_{k+1} | x_k)``: the one home of what a rollout
+records for them and how they score a recorded step.
 
-Every estimator maps a recorded step (:class:`~dflow_trl.sampling.StepRecord`) and fresh
-posterior log-probabilities ``log p^θ_{1|t}`` (``(B, D, V)``, with grad) to per-position
-``log π̂_θ`` (``(B, D)``). Evaluated at θ_old each returns the rollout's own ``old_log_prob``, so
-``exp(log π̂_θ - log π̂_old)`` is the policy ratio GRPO clips.
+An estimator draws each rollout step and records it (:meth:`Estimator.record`, a
+:class:`StepRecord`), says which steps the loss scores and at which state and time
+(:meth:`Estimator.scored_steps`, :meth:`Estimator.scored_record`), and maps a recorded step and
+fresh posterior log-probabilities ``log p^θ_{1|t}`` (``(B, D, V)``, with grad) to per-position
+``log π̂_θ`` (``(B, D)``, :meth:`Estimator.step_log_prob`). Evaluated at θ_old each returns the
+rollout's own ``old_log_prob``, so ``exp(log π̂_θ - log π̂_old)`` is the policy ratio GRPO clips.
 
 * ``exact``: ``log Σ_{x1} p^θ(x1) K_h(x → y | x1)`` by the path (closed form for mixture paths).
 * ``monte_carlo`` (the paper's importance sampling): with ``n`` stored draws ``X_j ~ p^{old}``,
@@ -14,29 +17,214 @@ posterior log-probabilities ``log p^θ_{1|t}`` (``(B, D, V)``, with grad) to per
   ``exact`` when ``k = V``, to ``monte_carlo`` when ``k = 0``.
 * ``posterior_only`` (diffu-GRPO/d1): ``log p^θ_{1|0}(x_K | x_0)`` — the final sample's posterior
   at the source state, no rates.
+
+For the sampled estimators a step also records, per canvas position,
+
+* a θ-independent *head* set ``S`` (the k most probable ``x1`` under the rollout posterior) with
+  ``log(K_h(x → y | s) - f δ_x(y))`` for each ``s ∈ S``;
+* ``n`` *draws* ``X_j ~ p^{old}_{1|t}`` with ``log p^{old}(X_j)`` and ``log(K_h(x → y | X_j) - f δ_x(y))``
+  (``-inf`` for draws inside ``S``);
+* ``log(f δ_x(y))`` with ``f`` the path's stay floor (:meth:`ProbabilityPath.stay_floor`).
+
+The draws are *coupled* to the move: unless the step stayed through the floor or its ``x1`` lies
+in ``S``, the ``x1`` that moved the token sits in a uniformly chosen draw slot, the other draws
+being fresh. Then the joint law of ``(draws, y)`` is exactly the ``θ = θ_old`` member of the
+extended policy the estimator's ratio is taken in, whose ``y``-marginal is ``π_θ`` for every θ
+(docs/method.md derives this). It also guarantees the realised ``y`` has non-zero estimated
+probability, and reduces the masked mixture path to the plain posterior ratio of unmasked tokens.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
 from .paths.base import ProbabilityPath
-from .sampling import StepRecord, estimate_log_prob
 
-ESTIMATORS = ("monte_carlo", "top_k", "exact", "posterior_only")
+
+@dataclass
+class StepRecord:
+    """One recorded step ``x_t → x_next`` (all tensors lead with the batch dims of ``x_t``)."""
+
+    x_t: torch.LongTensor
+    x_next: torch.LongTensor
+    log_floor: torch.Tensor  # (...,)   log(f δ_x(y))
+    head_ids: torch.LongTensor  # (..., k)
+    head_log_excess: torch.Tensor  # (..., k)
+    draw_ids: torch.LongTensor  # (..., n)
+    draw_logp_old: torch.Tensor  # (..., n)
+    draw_log_excess: torch.Tensor  # (..., n)
+    old_log_prob: torch.Tensor  # (...,)   the estimator's log π̂_old(y | x)
+
+
+def _log_excess(
+    path: ProbabilityPath,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cand: torch.Tensor,
+    t: float,
+    h: float,
+    floor: torch.Tensor,
+) -> torch.Tensor:
+    """``log(K_h(x → y | cand) - f δ_x(y))`` for candidates ``cand`` of shape ``(..., m)``."""
+    if cand.shape[-1] == 0:
+        return torch.zeros(cand.shape, dtype=torch.float64, device=cand.device)
+    lk = path.kernel_log_prob(x.unsqueeze(-1), y.unsqueeze(-1), cand, t, h).double()
+    stay_floor = (floor * (x == y)).unsqueeze(-1)
+    if not bool((stay_floor > 0).any()):
+        return lk
+    return (lk.exp() - stay_floor).clamp_min(0).log()
+
+
+def estimate_log_prob(
+    log_floor: torch.Tensor,
+    head_log_post: torch.Tensor,
+    head_log_excess: torch.Tensor,
+    draw_log_ratio: torch.Tensor,
+    draw_log_excess: torch.Tensor,
+) -> torch.Tensor:
+    """``log π̂ = log( f δ_x(y) + Σ_{s∈S} p(s)(K_s - f δ)
+    + (1/n) Σ_{j∉S} p(X_j)/p^{old}(X_j) (K_j - f δ) )``."""
+    n = draw_log_excess.shape[-1]
+    parts = [
+        log_floor.unsqueeze(-1).to(head_log_post.dtype),
+        head_log_post + head_log_excess.to(head_log_post.dtype),
+    ]
+    if n:
+        parts.append(draw_log_ratio + draw_log_excess.to(draw_log_ratio.dtype) - math.log(n))
+    return torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
+
+
+def record_step(
+    path: ProbabilityPath,
+    posterior_probs: torch.Tensor,
+    x_t: torch.LongTensor,
+    t: float,
+    h: float,
+    generator: torch.Generator | None = None,
+    num_draws: int = 0,
+    head_size: int = 0,
+) -> StepRecord:
+    """Draw ``x_next`` from ``π(· | x_t)`` and record what the estimators need (see module doc)."""
+    path.check_posterior(posterior_probs)
+    path.check_tokens(x_t, "x_t")
+    vocab = path.vocab_size
+    if posterior_probs.shape[:-1] != x_t.shape:
+        raise ValueError(
+            f"posterior shape {tuple(posterior_probs.shape)} does not match x_t {tuple(x_t.shape)} + (V,)"
+        )
+    head_size = min(int(head_size), vocab)
+    if num_draws < 0 or head_size < 0:
+        raise ValueError("num_draws and head_size must be >= 0")
+    if 0 < head_size < vocab and num_draws == 0:
+        raise ValueError("a head smaller than the vocabulary needs num_draws >= 1 for the tail")
+    flat = posterior_probs.detach().reshape(-1, vocab).float()
+    x1 = torch.multinomial(flat, 1, generator=generator).view(x_t.shape)
+    y = path.sample_kernel(x_t, x1, t, h, generator=generator)
+
+    floor = path.stay_floor(x_t, t, h).double()
+    log_floor = (floor * (y == x_t)).log()
+    stayed_by_floor = torch.zeros_like(y, dtype=torch.bool)
+    if bool((floor > 0).any()):
+        k_stay = path.kernel_log_prob(x_t, x_t, x1, t, h).double().exp()
+        u = torch.rand(x_t.shape, generator=generator, dtype=torch.float64, device=x_t.device)
+        stayed_by_floor = (y == x_t) & (u * k_stay < floor)
+
+    log_post = posterior_probs.detach().double().clamp_min(0).log()
+    head_ids = torch.zeros((*x_t.shape, 0), dtype=torch.long, device=x_t.device)
+    if head_size:
+        head_ids = torch.topk(posterior_probs.detach(), head_size, dim=-1).indices
+    in_head = (head_ids == x1.unsqueeze(-1)).any(-1)
+
+    draw_ids = torch.zeros((*x_t.shape, 0), dtype=torch.long, device=x_t.device)
+    if num_draws:
+        draw_ids = torch.multinomial(flat, num_draws, replacement=True, generator=generator).view(
+            *x_t.shape, num_draws
+        )
+        place = ~stayed_by_floor & ~in_head
+        slot = torch.randint(0, num_draws, x_t.shape, generator=generator, device=x_t.device)
+        placed = draw_ids.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
+        draw_ids = draw_ids.scatter(-1, slot.unsqueeze(-1), torch.where(place, x1, placed).unsqueeze(-1))
+
+    head_log_excess = _log_excess(path, x_t, y, head_ids, t, h, floor)
+    draw_log_excess = _log_excess(path, x_t, y, draw_ids, t, h, floor)
+    if head_size and num_draws:
+        in_head_draw = (draw_ids.unsqueeze(-1) == head_ids.unsqueeze(-2)).any(-1)
+        draw_log_excess = draw_log_excess.masked_fill(in_head_draw, -math.inf)
+    draw_logp_old = log_post.gather(-1, draw_ids)
+    if head_size or num_draws:
+        old = estimate_log_prob(
+            log_floor,
+            log_post.gather(-1, head_ids),
+            head_log_excess,
+            torch.zeros_like(draw_logp_old),
+            draw_log_excess,
+        )
+    elif path.exact_is_cheap:  # nothing recorded: the exact estimator scores the step
+        old = path.step_log_prob(posterior_probs.detach(), x_t, y, t, h)
+    else:
+        old = torch.full(x_t.shape, math.nan, device=x_t.device)
+    return StepRecord(
+        x_t=x_t,
+        x_next=y,
+        log_floor=log_floor.float(),
+        head_ids=head_ids,
+        head_log_excess=head_log_excess.float(),
+        draw_ids=draw_ids,
+        draw_logp_old=draw_logp_old.float(),
+        draw_log_excess=draw_log_excess.float(),
+        old_log_prob=old.float(),
+    )
+
+
+PER_STEP_FIELDS = (
+    "log_floor", "head_ids", "head_log_excess", "draw_ids", "draw_logp_old", "draw_log_excess", "old_log_prob"
+)
 
 
 class Estimator(ABC):
-    """Per-position ``log π̂_θ(x_{k+1} | x_k)`` from a recorded step and fresh log-posteriors."""
+    """Per-position ``log π̂_θ(x_{k+1} | x_k)`` from a recorded step and fresh log-posteriors.
+
+    ``per_step``: the estimator scores every trained step (False for ``posterior_only``, which
+    scores the final sample once), so step-level credit (branching, step baselines) applies."""
 
     name: str
-    num_draws: int = 0  # what the sampler must record
+    num_draws: int = 0  # what the rollout records
     head_size: int = 0
+    per_step: bool = True
 
     def check_path(self, path: ProbabilityPath) -> None:  # noqa: B027 - optional hook
         """Raise ``ValueError`` if this estimator cannot be used with ``path``."""
+
+    def record(
+        self,
+        path: ProbabilityPath,
+        posterior_probs: torch.Tensor,
+        x_t: torch.LongTensor,
+        t: float,
+        h: float,
+        generator: torch.Generator | None = None,
+    ) -> StepRecord:
+        """Draw the rollout step ``x_t → x_next`` and record what :meth:`step_log_prob` needs."""
+        return record_step(path, posterior_probs, x_t, t, h, generator, self.num_draws, self.head_size)
+
+    def scored_steps(self, trainable: list[int]) -> list[int]:
+        """The steps whose log-probability the loss takes, given the config's ``trainable`` ones."""
+        return trainable
+
+    def scored_record(
+        self, recorded: Mapping[str, torch.Tensor], rows: torch.Tensor, k: int, prefix: str = "flow_"
+    ) -> tuple[StepRecord, float | None]:
+        """The record of step ``k`` for ``rows`` of a trajectory flattened by
+        :meth:`~dflow_trl.sampling.Trajectory.to_dict`, and the time at which the posterior is
+        evaluated (``None``: the step's own ``t_k``)."""
+        states = recorded[prefix + "states"][rows]
+        per_step = {name: recorded[prefix + name][rows, k] for name in PER_STEP_FIELDS}
+        return StepRecord(x_t=states[:, k], x_next=states[:, k + 1], **per_step), None
 
     @abstractmethod
     def step_log_prob(
@@ -102,9 +290,22 @@ class TopKEstimator(Estimator):
 
 
 class PosteriorOnlyEstimator(Estimator):
-    """diffu-GRPO/d1 baseline: scored once, at the source, on the final sample."""
+    """diffu-GRPO/d1 baseline (biased): ``log p^θ_{1|0}(x_K | x_0)``, scored once, at the source, on
+    the final sample; the rollout records nothing for it."""
 
     name = "posterior_only"
+    per_step = False
+
+    def scored_steps(self, trainable: list[int]) -> list[int]:
+        return [0]
+
+    def scored_record(self, recorded, rows, k, prefix="flow_"):
+        states = recorded[prefix + "states"][rows]
+        empty = torch.zeros(states.shape[0], states.shape[-1], 0, device=states.device)
+        source_to_final = StepRecord(
+            states[:, 0], states[:, -1], None, empty.long(), empty, empty.long(), empty, empty, None
+        )
+        return source_to_final, 0.0
 
     def step_log_prob(self, path, record, log_post, t, h):
         return log_post.gather(-1, record.x_next.unsqueeze(-1)).squeeze(-1)
@@ -116,14 +317,19 @@ def _from_record(record: StepRecord, log_post: torch.Tensor) -> torch.Tensor:
     return estimate_log_prob(record.log_floor, head, record.head_log_excess, ratio, record.draw_log_excess)
 
 
+ESTIMATOR_CLASSES: dict[str, type[Estimator]] = {
+    cls.name: cls for cls in (MonteCarloEstimator, TopKEstimator, ExactEstimator, PosteriorOnlyEstimator)
+}
+ESTIMATORS = tuple(ESTIMATOR_CLASSES)
+
+
 def get_estimator(name: str, num_draws: int = 24, top_k: int = 16) -> Estimator:
-    """Build an estimator by name: one of ``monte_carlo``, ``top_k``, ``exact``, ``posterior_only``."""
+    """Build an estimator by name (one of :data:`ESTIMATORS`); ``num_draws`` are the posterior draws
+    of ``monte_carlo`` and the tail draws of ``top_k``, ``top_k`` its exact head size."""
+    if name not in ESTIMATOR_CLASSES:
+        raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
     if name == "monte_carlo":
         return MonteCarloEstimator(num_draws)
     if name == "top_k":
         return TopKEstimator(top_k, num_draws)
-    if name == "exact":
-        return ExactEstimator()
-    if name == "posterior_only":
-        return PosteriorOnlyEstimator()
-    raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
+    return ESTIMATOR_CLASSES[name]()

@@ -12,19 +12,15 @@ from dflow_trl.likelihood import (
     ExactEstimator,
     MonteCarloEstimator,
     PosteriorOnlyEstimator,
-    TopKEstimator,
-    get_estimator,
-)
-from dflow_trl.paths import MixturePath
-from dflow_trl.sampling import (
     StepRecord,
+    TopKEstimator,
     _log_excess,
     estimate_log_prob,
-    guided_log_probs,
-    sample_step,
-    sample_step_recorded,
-    sample_trajectory,
+    get_estimator,
+    record_step,
 )
+from dflow_trl.paths import MixturePath
+from dflow_trl.sampling import guided_log_probs, sample_step, sample_trajectory
 
 from .helpers import V_SMALL, random_posterior, small_paths
 
@@ -56,7 +52,7 @@ def test_sampler_frequencies_match_step_probabilities(name, t, h, recorded):
     batch = probs.expand(N_DRAWS, V_SMALL).float()
     g = torch.Generator().manual_seed(11)
     if recorded:
-        y = sample_step_recorded(path, batch, x_t, t, h, generator=g, num_draws=4, head_size=2).x_next
+        y = record_step(path, batch, x_t, t, h, generator=g, num_draws=4, head_size=2).x_next
     else:
         y = sample_step(path, batch, x_t, t, h, generator=g)
     counts = torch.bincount(y, minlength=V_SMALL)
@@ -88,7 +84,7 @@ def test_averaged_rate_sampler_of_the_paper_is_a_different_distribution():
 def _recorded(name, t, h, num_draws, head_size, n_rep, seed=0):
     path, probs, x = _one_position(name, t, h)
     g = torch.Generator().manual_seed(seed)
-    rec = sample_step_recorded(
+    rec = record_step(
         path, probs.expand(n_rep, V_SMALL).float(), torch.full((n_rep,), x), t, h, g, num_draws, head_size
     )
     return path, probs, x, rec
@@ -171,7 +167,7 @@ def test_top_k_with_k_equal_v_is_exact(name):
     block = path.mask_token_id if name == "mask" else None
     probs = random_posterior((3, 4), V_SMALL, seed=2, block=block).float()
     x_t = torch.randint(0, V_SMALL, (3, 4), generator=torch.Generator().manual_seed(0))
-    rec = sample_step_recorded(
+    rec = record_step(
         path, probs, x_t, t, h, torch.Generator().manual_seed(1), num_draws=0, head_size=V_SMALL
     )
     logits = torch.randn(3, 4, V_SMALL, dtype=torch.float64, requires_grad=True)
@@ -192,7 +188,7 @@ def test_gradients_flow_to_posterior_logits(estimator, name):
     est = get_estimator(estimator, num_draws=6, top_k=2)
     probs = random_posterior((2, 8), V_SMALL, seed=4, block=getattr(path, "mask_token_id", None)).float()
     x_t = path.sample_source((2, 8), generator=torch.Generator().manual_seed(0))
-    rec = sample_step_recorded(
+    rec = record_step(
         path, probs, x_t, t, h, torch.Generator().manual_seed(2), est.num_draws, est.head_size
     )
     logits = probs.log().clamp_min(-30).clone().requires_grad_(True)
@@ -209,7 +205,7 @@ def test_masked_path_reduces_to_plain_posterior_ratio_of_unmasked_tokens():
     x_t = torch.full((4, 32), m)
     x_t[:, :5] = 0  # already unmasked: frozen
     t, h = 0.25, 0.25
-    rec = sample_step_recorded(path, probs, x_t, t, h, torch.Generator().manual_seed(0), num_draws=24)
+    rec = record_step(path, probs, x_t, t, h, torch.Generator().manual_seed(0), num_draws=24)
     log_theta = _theta_log_post(probs.double(), seed=3, block=m)
     unmasked_now = (x_t == m) & (rec.x_next != m)
     assert unmasked_now.any() and ((x_t == m) & (rec.x_next == m)).any()
@@ -241,7 +237,7 @@ def test_trajectory_rollout_records_consistent_steps():
 
     x0 = path.sample_source((3, 10), generator=g)
     traj = sample_trajectory(path, logits_fn, x0, num_steps=5, uncond_logits_fn=uncond_fn, cfg_scale=1.5,
-                             temperature=0.8, num_draws=4, head_size=2, generator=g)
+                             temperature=0.8, estimator=TopKEstimator(2, 4), generator=g)
     assert traj.states.shape == (3, 6, 10) and traj.old_log_prob.shape == (3, 5, 10)
     assert torch.equal(traj.states[:, 0], x0)
     assert torch.equal(traj.states[:, 1], x0), "step 0 of the metric path moves nothing"
@@ -277,7 +273,7 @@ def test_cfg_keeps_ruled_out_tokens_out_on_every_path(name):
     assert not log_post.isnan().any() and (log_post[:, banned] == float("-inf")).all()
     x0 = path.sample_source((4, 5), generator=g)
     traj = sample_trajectory(path, logits_fn, x0, num_steps=4, uncond_logits_fn=uncond_fn, cfg_scale=3.0,
-                             num_draws=4, head_size=2, generator=g)  # fmt: skip
+                             estimator=TopKEstimator(2, 4), generator=g)  # fmt: skip
     assert torch.isfinite(traj.old_log_prob).all()
     if name != "mask":
         assert (traj.final != banned).all()
@@ -299,7 +295,7 @@ def test_sampler_and_estimator_bad_inputs():
     with pytest.raises(ValueError, match="summing to 1"):
         sample_step(path, probs * 3, x, 0.1, 0.1)
     with pytest.raises(ValueError, match="needs num_draws"):
-        sample_step_recorded(path, probs, x, 0.1, 0.1, head_size=2, num_draws=0)
+        record_step(path, probs, x, 0.1, 0.1, head_size=2, num_draws=0)
     with pytest.raises(ValueError, match="unknown estimator"):
         get_estimator("magic")
     with pytest.raises(ValueError, match="too costly"):

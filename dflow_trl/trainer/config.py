@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
-from ..likelihood import ESTIMATORS
+from ..likelihood import ESTIMATOR_CLASSES, ESTIMATORS
 
 
 @dataclass
@@ -189,9 +189,10 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"step_aggregation must be 'mean' or 'sum', got {self.step_aggregation!r}")
         if self.step_baseline not in ("none", "greedy"):
             errors.append(f"step_baseline must be 'none' or 'greedy', got {self.step_baseline!r}")
-        if self.step_baseline != "none" and self.estimator == "posterior_only":
+        per_step = self.estimator not in ESTIMATOR_CLASSES or ESTIMATOR_CLASSES[self.estimator].per_step
+        if self.step_baseline != "none" and not per_step:
             errors.append(
-                "step_baseline needs per-step scores; posterior_only scores the final sample once: "
+                f"step_baseline needs per-step scores; {self.estimator} scores the final sample once: "
                 "use another estimator"
             )
         if not 0.0 <= self.step_baseline_lambda <= 1.0:
@@ -204,9 +205,9 @@ class DFlowGRPOConfig(GRPOConfig):
             )
         if self.num_train_steps_per_rollout is not None and self.num_train_steps_per_rollout < 1:
             errors.append("num_train_steps_per_rollout must be >= 1 or None")
-        if self.rollout_branching and self.estimator == "posterior_only":
+        if self.rollout_branching and not per_step:
             errors.append(
-                "rollout_branching trains one denoising step; posterior_only scores none: "
+                f"rollout_branching trains one denoising step; {self.estimator} scores none: "
                 "use another estimator"
             )
         if self.rollout_branching and self.num_train_steps_per_rollout is not None:

@@ -36,13 +36,13 @@ from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
-from ..likelihood import get_estimator
+from ..likelihood import StepRecord, get_estimator
 from ..models.base import FlowInputs, check_flow_model
 from ..models.loading import load_flow_model, load_processing_class
 from ..rewards import REWARD_REGISTRY, get_reward_function
 from ..rewards.combine import checked_reward
 from ..rollout import flow_logits, rollout
-from ..sampling import StepRecord, guided_log_probs, time_grid
+from ..sampling import guided_log_probs, time_grid
 from .config import DFlowGRPOConfig
 from .ema import EMA_STATE_NAME, EMACallback, ParameterEMA
 from .model_card import flow_model_card
@@ -228,8 +228,6 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     def _trainable_steps(self, num_steps: int) -> list[int]:
         """Steps whose probability depends on θ and that the config trains."""
-        if self.args.estimator == "posterior_only":
-            return [0]
         times = time_grid(num_steps, power=self.args.flow_time_power).tolist()
         steps = []
         for k in range(num_steps):
@@ -243,7 +241,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 f"no trainable denoising step among {num_steps}: "
                 "raise num_flow_steps or set include_last_step=True"
             )
-        return steps
+        return self.estimator.scored_steps(steps)
 
     def _num_trained_steps(self, num_steps: int) -> int:
         if self.args.rollout_branching:
@@ -447,7 +445,6 @@ class DFlowGRPOTrainer(GRPOTrainer):
         logps = torch.zeros(b, logits_to_keep, device=states.device)
         entropies = torch.zeros_like(logps)
         chunk = batch_size or self.args.per_device_train_batch_size
-        posterior_only = self.args.estimator == "posterior_only"
         mode = "train" if self.model.training else "eval"
         skip = self._zero_advantage_rows(rows) if torch.is_grad_enabled() else None
         if skip is not None and skip.any():
@@ -466,7 +463,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 sel = sel[~skip[sel[:, 0]]]
             for s in range(0, sel.shape[0], chunk):
                 i, j = sel[s : s + chunk, 0], sel[s : s + chunk, 1]
-                record = self._record(rows, i, k, final=posterior_only)
+                record, t_in = self.estimator.scored_record(rows, i, k)
                 batch = FlowInputs(
                     rows["flow_input_ids"][i],
                     rows["flow_attention_mask"][i],
@@ -479,7 +476,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                     },
                 )
                 t, h = float(times[k]), float(times[k + 1] - times[k])
-                t_in = 0.0 if posterior_only else t
+                t_in = t if t_in is None else t_in
                 score = functools.partial(
                     self._score_step, model, batch, record, t, h, t_in, cfg, compute_entropy
                 )
@@ -492,7 +489,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 logps[i, j] = agg
                 if compute_entropy:
                     entropies[i, j] = ent
-                if torch.is_grad_enabled() and not posterior_only:
+                if torch.is_grad_enabled() and record.old_log_prob is not None:
                     old = (
                         record.old_log_prob.mean(-1)
                         if self.args.step_aggregation == "mean"
@@ -543,31 +540,6 @@ class DFlowGRPOTrainer(GRPOTrainer):
             with torch.no_grad():
                 ent = -(log_post.exp() * log_post.nan_to_num(neginf=0.0)).sum(-1).mean(-1)
         return agg, ent
-
-    @staticmethod
-    def _record(rows: dict[str, Any], i: torch.Tensor, k: int, final: bool = False) -> StepRecord:
-        states = rows["flow_states"][i]
-        if final:  # posterior_only: scored at the source, on the final sample
-            empty = torch.zeros(*states.shape[0:1], states.shape[-1], 0, device=states.device)
-            return StepRecord(
-                states[:, 0], states[:, -1], None, empty.long(), empty, empty.long(), empty, empty, None
-            )
-        return StepRecord(
-            x_t=states[:, k],
-            x_next=states[:, k + 1],
-            **{
-                name: rows[f"flow_{name}"][i, k]
-                for name in (
-                    "log_floor",
-                    "head_ids",
-                    "head_log_excess",
-                    "draw_ids",
-                    "draw_logp_old",
-                    "draw_log_excess",
-                    "old_log_prob",
-                )
-            },
-        )
 
     # ---- logging ----------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

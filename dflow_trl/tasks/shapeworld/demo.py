@@ -23,6 +23,8 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from ...likelihood import ESTIMATORS
+
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
     # Tuned on a 2-core CPU to finish in ≤ 5 minutes, evaluations included (docs/shapeworld.md).
     "t2i": dict(
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-steps", type=int, default=None, help="RL optimizer steps (stops earlier at the budget)"
     )
     ap.add_argument("--learning-rate", type=float, default=None)
-    ap.add_argument("--estimator", choices=["monte_carlo", "top_k", "exact", "posterior_only"], default=None)
+    ap.add_argument("--estimator", choices=list(ESTIMATORS), default=None)
     ap.add_argument(
         "--rollout-branching", action=argparse.BooleanOptionalAction, default=None,
         help="step-level credit from branched rollouts (DFlowGRPOConfig.rollout_branching)",
