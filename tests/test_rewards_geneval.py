@@ -6,15 +6,19 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import io
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from dflow_trl.rewards import get_reward_function
+from dflow_trl.rewards.geneval import GenEvalReward
 from dflow_trl.rewards.geneval_rules import (
     COUNTING_THRESHOLD,
+    GENEVAL_CLASSES,
     GENEVAL_COLORS,
     MAX_OBJECTS,
     NMS_THRESHOLD,
@@ -24,11 +28,12 @@ from dflow_trl.rewards.geneval_rules import (
     GenEvalThresholds,
     compute_iou,
     evaluate_metadata,
+    geneval_class_name,
     parse_metadata,
     relative_position,
     select_detections,
 )
-from dflow_trl.rewards.testing import save_tiny_clip, save_tiny_mask2former
+from dflow_trl.rewards.testing import COCO_LABELS, save_tiny_clip, save_tiny_mask2former
 
 
 def det(x0, y0, x1, y1, score=0.95):
@@ -202,6 +207,21 @@ def test_parse_metadata_accepts_geneval_lines_and_explains_errors():
             parse_metadata(raw)
 
 
+def test_geneval_class_names():
+    assert len(set(GENEVAL_CLASSES)) == len(GENEVAL_CLASSES) == 80
+    spelled = (
+        "computer mouse", "tv remote", "computer keyboard", "cell phone", "hair drier", "dining table",
+        "potted plant", "wine glass", "hot dog", "teddy bear", "sports ball", "baseball bat",
+        "baseball glove", "tennis racket", "fire hydrant", "stop sign", "parking meter", "traffic light",
+    )  # fmt: skip
+    assert set(spelled) <= set(GENEVAL_CLASSES)
+    assert all(geneval_class_name(name) == name for name in GENEVAL_CLASSES)
+    # COCO detectors' 80 labels are GenEval's 80 classes, three of them under shorter names.
+    assert {geneval_class_name(label) for label in COCO_LABELS} == set(GENEVAL_CLASSES)
+    assert geneval_class_name("mouse") == "computer mouse" and geneval_class_name("TV_Remote") == "tv remote"
+    assert geneval_class_name("Hair-Dryer") == "hair drier" and geneval_class_name("Unicorn") == "unicorn"
+
+
 # -- model path -----------------------------------------------------------------------------------------
 
 
@@ -284,3 +304,77 @@ def test_geneval_reads_columns_aliases_and_reports_errors(geneval_dirs, picture)
         reward(["p"], [picture], None, metadata=[{"include": [{"class": "cat", "count": -1}]}])
     with pytest.raises(ValueError, match="mode must be"):
         get_reward_function("geneval", mode="loose")
+
+
+def test_geneval_colour_prompts_use_geneval_class_names(geneval_dirs, picture):
+    detector, clip = geneval_dirs
+    reward = get_reward_function("geneval", detector=str(detector), clip_model=str(clip), mode="correct")
+    # Every query of the tiny detector is a cat; relabel them as COCO's "mouse" (GenEval's computer mouse).
+    detect = reward.detect
+    reward.detect = lambda images: [{"mouse": d["cat"]} for d in detect(images)]
+    texts = []
+    embed = reward.clip.text_embeddings
+    reward.clip.text_embeddings = lambda batch: (texts.extend(batch), embed(batch))[1]
+    meta = {
+        "tag": "color_attr",
+        "include": [{"class": "computer mouse", "count": 1, "color": "red"}, {"class": "tv remote"}],
+    }
+    reward(["a photo of a red computer mouse and a tv remote"], [picture], None, metadata=[meta])
+    assert texts[:3] == [
+        "a photo of a red computer mouse",
+        "a photo of a red-colored computer mouse",
+        "a photo of a red object",
+    ]
+    assert len(texts) == 3 * len(GENEVAL_COLORS)
+    assert all("computer mouse" in text for text in texts if not text.endswith("object"))
+    # Reasons name GenEval's classes too.
+    assert "expected at least 1 tv remote, found 0" in reward.last_results[0].reasons
+    # Called with the detector's label, the classifier still names the object as GenEval does.
+    texts.clear()
+    reward._color_weights.clear()
+    objects = select_detections(detect([picture])[0], "colors")["cat"][:1]
+    reward.classify_colors(picture, "mouse", objects)
+    assert texts[0] == "a photo of a red computer mouse"
+
+
+def test_geneval_knows_every_geneval_class(geneval_dirs, picture):
+    detector, clip = geneval_dirs
+    reward = get_reward_function("geneval", detector=str(detector), clip_model=str(clip))
+    reward(["p"], [picture], None, metadata=[{"tag": "single_object", "include": [{"class": "cat"}]}])
+    assert {reward.detector_label(name) for name in GENEVAL_CLASSES} == set(COCO_LABELS)
+
+
+def _jpeg(image, quality):
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+
+
+@pytest.mark.parametrize("quality", [None, 30])
+def test_geneval_jpeg_round_trip_before_scoring(geneval_dirs, quality):
+    detector, clip = geneval_dirs
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    reward = get_reward_function(
+        "geneval", detector=str(detector), clip_model=str(clip), jpeg_quality=quality
+    )
+    detected, coloured = [], []
+    detect, classify = reward.detect, reward.classify_colors
+    reward.detect = lambda images: (detected.extend(images), detect(images))[1]
+    reward.classify_colors = lambda image, cls, objs: (coloured.append(image), classify(image, cls, objs))[1]
+    meta = {"tag": "colors", "include": [{"class": "cat", "count": 1, "color": "red"}]}
+    reward(["p"], [noisy], None, metadata=[meta])
+    expected = np.asarray(noisy) if quality is None else _jpeg(noisy, quality)
+    assert len(detected) == 1 and np.array_equal(np.asarray(detected[0]), expected)
+    assert coloured and all(np.array_equal(np.asarray(image), expected) for image in coloured)
+    if quality is not None:
+        assert not np.array_equal(expected, np.asarray(noisy))  # the round trip did change the pixels
+
+
+@pytest.mark.parametrize("quality", [0, 101, -5, 75.0, True, "75"])
+def test_geneval_jpeg_quality_is_validated(quality):
+    with pytest.raises(ValueError, match="jpeg_quality must be an integer from 1 to 100"):
+        GenEvalReward(jpeg_quality=quality)
+    assert (
+        GenEvalReward(jpeg_quality=1).jpeg_quality == 1
+        and GenEvalReward(jpeg_quality=100).jpeg_quality == 100
+    )

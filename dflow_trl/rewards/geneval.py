@@ -3,6 +3,7 @@ classification."""
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from .geneval_rules import (
     GenEvalResult,
     GenEvalThresholds,
     evaluate_metadata,
+    geneval_class_name,
+    normalize_class_name,
     parse_metadata,
     select_detections,
 )
@@ -26,24 +29,20 @@ from .geneval_rules import (
 GENEVAL_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 GENEVAL_CLIP_MODEL = "openai/clip-vit-large-patch14"
 
-# GenEval's prompts name a few COCO classes differently from detectron2/transformers' label names.
-CLASS_ALIASES = {
-    "computer mouse": "mouse",
-    "tv remote": "remote",
-    "computer keyboard": "keyboard",
-    "hair dryer": "hair drier",
-    "motorbike": "motorcycle",
-    "aeroplane": "airplane",
-    "sofa": "couch",
-    "tvmonitor": "tv",
-}
+# COCO detectors (detectron2, transformers' Mask2Former) label three of GenEval's classes by shorter names.
+CLASS_ALIASES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
 
 # GenEval blanks everything outside an object's mask with this grey before classifying its colour.
 _CROP_BACKGROUND = "#999999"
 
 
-def _norm_label(name: str) -> str:
-    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    """``image`` encoded as JPEG at ``quality`` (PIL's other defaults) and decoded again."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return decoded.convert("RGB")
 
 
 class GenEvalReward:
@@ -52,6 +51,10 @@ class GenEvalReward:
 
     Each sample's GenEval metadata comes from the ``metadata`` column (a dict or its JSON line), or from
     ``tag``/``include``/``exclude`` columns when the dataset was built from GenEval's jsonl directly.
+
+    ``jpeg_quality`` (1–100, default off) scores each image after a JPEG round trip at that quality, as
+    Flow-GRPO does (it sends its GenEval server JPEGs at PIL's default 75), so that detail which does not
+    survive compression earns nothing.
     """
 
     def __init__(
@@ -67,6 +70,7 @@ class GenEvalReward:
         nms_threshold: float = GenEvalThresholds.nms_threshold,
         position_threshold: float = GenEvalThresholds.position_threshold,
         batch_size: int = 8,
+        jpeg_quality: int | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> None:
@@ -74,6 +78,15 @@ class GenEvalReward:
             raise ValueError(f"GenEval mode must be 'score', 'strict' or 'correct', got {mode!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if jpeg_quality is not None and (
+            isinstance(jpeg_quality, bool)
+            or not isinstance(jpeg_quality, int)
+            or not 1 <= jpeg_quality <= 100
+        ):
+            raise ValueError(
+                f"jpeg_quality must be an integer from 1 to 100 (Flow-GRPO uses PIL's default, 75), or None "
+                f"for no JPEG round trip; got {jpeg_quality!r}"
+            )
         self.__name__ = "geneval" if mode == "score" else f"geneval_{mode}"
         self.mode = mode
         self.metadata_column = metadata_column
@@ -81,6 +94,7 @@ class GenEvalReward:
             threshold, counting_threshold, max_objects, nms_threshold, position_threshold
         )
         self.batch_size = batch_size
+        self.jpeg_quality = jpeg_quality
         self.detector_name = detector
         self.clip = LazyClip(clip_model, None, device, dtype)
         self._device = device
@@ -105,20 +119,27 @@ class GenEvalReward:
             dtype = resolve_dtype(self._dtype, completions)
             self.detector_processor = AutoImageProcessor.from_pretrained(self.detector_name)
             model = Mask2FormerForUniversalSegmentation.from_pretrained(self.detector_name, dtype=dtype)
-            self.labels = {_norm_label(name): name for name in model.config.id2label.values()}
+            self.labels = {normalize_class_name(name): name for name in model.config.id2label.values()}
             self.detector = model.to(device).eval().requires_grad_(False)
 
     def detector_label(self, classname: str) -> str:
-        """The detector's label for a GenEval class name (case, separators and GenEval's aliases
-        tolerated)."""
-        key = _norm_label(classname)
-        key = CLASS_ALIASES.get(key, key)
-        if key not in self.labels:
-            raise ValueError(
-                f"GenEval class {classname!r} is not a label of detector {self.detector_name!r}; "
-                f"its labels are {sorted(self.labels.values())}"
-            )
-        return self.labels[key]
+        """The detector's label for a GenEval class name (case, separators, COCO's and other common
+        spellings tolerated)."""
+        name = geneval_class_name(classname)
+        for key in (name, CLASS_ALIASES.get(name), normalize_class_name(classname)):
+            if key in self.labels:
+                return self.labels[key]
+        raise ValueError(
+            f"GenEval class {classname!r} is not a label of detector {self.detector_name!r}; "
+            f"its labels are {sorted(self.labels.values())}"
+        )
+
+    def _by_class(
+        self, found: dict[str, list[Detection]], meta: dict[str, Any]
+    ) -> dict[str, list[Detection]]:
+        """One image's detections re-keyed from detector labels to the metadata's GenEval class names."""
+        names = {clause["class"] for clause in (*meta["include"], *meta["exclude"])}
+        return {name: found[label] for name in names if (label := self.detector_label(name)) in found}
 
     # -- detection and colour -------------------------------------------------------------------------------
 
@@ -159,7 +180,9 @@ class GenEvalReward:
         return results
 
     def _color_classifier(self, classname: str) -> torch.Tensor:
-        # GenEval's zero-shot classifier: three prompt templates per colour, embeddings averaged.
+        # GenEval's zero-shot classifier: three prompt templates per colour, embeddings averaged. The
+        # templates name the object as GenEval does: "a red computer mouse", not COCO's "a red mouse".
+        classname = geneval_class_name(classname)
         if classname not in self._color_weights:
             templates = ("a photo of a {c} {o}", "a photo of a {c}-colored {o}", "a photo of a {c} object")
             weights = []
@@ -214,14 +237,19 @@ class GenEvalReward:
     ) -> list[float]:
         metadata = self.metadata_for(len(completions), kwargs)
         self._load(completions)
+        # The rules, reasons and colour prompts use GenEval's class names; only detection uses the
+        # detector's labels.
         for meta in metadata:
             for clause in (*meta["include"], *meta["exclude"]):
-                clause["class"] = self.detector_label(clause["class"])
+                clause["class"] = geneval_class_name(clause["class"])
+                self.detector_label(clause["class"])  # an unknown class fails before any image is scored
         images = to_pil_images(completions)
+        if self.jpeg_quality is not None:
+            images = [jpeg_round_trip(image, self.jpeg_quality) for image in images]
         detections = self.detect(images)
         results = []
         for image, found, meta in zip(images, detections, metadata):
-            selected = select_detections(found, meta["tag"], self.thresholds)
+            selected = select_detections(self._by_class(found, meta), meta["tag"], self.thresholds)
             results.append(
                 evaluate_metadata(
                     selected,

@@ -21,6 +21,36 @@ from typing import Any
 
 import numpy as np
 
+# GenEval's 80 object names (its object_names.txt), which its prompts and metadata use: COCO's classes,
+# with three spelt out ("computer mouse", "tv remote", "computer keyboard").
+GENEVAL_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
+    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+# Other names of GenEval's classes: COCO detectors' labels (detectron2, mmdet, transformers) and common
+# variants (VOC's, British spellings).
+GENEVAL_CLASS_ALIASES = {
+    "mouse": "computer mouse",
+    "remote": "tv remote",
+    "keyboard": "computer keyboard",
+    "hair dryer": "hair drier",
+    "motorbike": "motorcycle",
+    "aeroplane": "airplane",
+    "sofa": "couch",
+    "tvmonitor": "tv",
+    "tv monitor": "tv",
+    "diningtable": "dining table",
+    "pottedplant": "potted plant",
+    "cellphone": "cell phone",
+    "doughnut": "donut",
+}
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 GENEVAL_POSITIONS = ("left of", "right of", "above", "below")
 
@@ -63,6 +93,18 @@ class GenEvalResult:
 
 # Classifies the colour of each given detection of a class; returns one GENEVAL_COLORS name per detection.
 ColorClassifier = Callable[[str, list[Detection]], list[str]]
+
+
+def normalize_class_name(name: str) -> str:
+    """Lower case, single spaces for ``_``, ``-`` and runs of whitespace."""
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def geneval_class_name(name: str) -> str:
+    """GenEval's spelling of a class name ("Computer_Mouse" and COCO's "mouse" give "computer mouse"); a
+    name GenEval does not know comes back normalised."""
+    key = normalize_class_name(name)
+    return GENEVAL_CLASS_ALIASES.get(key, key)
 
 
 def parse_metadata(raw: Any) -> dict[str, Any]:
