@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .paths.base import ProbabilityPath
+
+if TYPE_CHECKING:
+    from .sampling import Trajectory
 
 
 @dataclass
@@ -216,15 +219,10 @@ class Estimator(ABC):
         """The steps whose log-probability the loss takes, given the config's ``trainable`` ones."""
         return trainable
 
-    def scored_record(
-        self, recorded: Mapping[str, torch.Tensor], rows: torch.Tensor, k: int, prefix: str = "flow_"
-    ) -> tuple[StepRecord, float | None]:
-        """The record of step ``k`` for ``rows`` of a trajectory flattened by
-        :meth:`~dflow_trl.sampling.Trajectory.to_dict`, and the time at which the posterior is
-        evaluated (``None``: the step's own ``t_k``)."""
-        states = recorded[prefix + "states"][rows]
-        per_step = {name: recorded[prefix + name][rows, k] for name in PER_STEP_FIELDS}
-        return StepRecord(x_t=states[:, k], x_next=states[:, k + 1], **per_step), None
+    def scored_record(self, trajectory: Trajectory, k: int) -> tuple[StepRecord, float | None]:
+        """The record of step ``k`` of ``trajectory`` that :meth:`step_log_prob` scores, and the time
+        at which the posterior is evaluated (``None``: the step's own ``t_k``)."""
+        return trajectory.step(k), None
 
     @abstractmethod
     def step_log_prob(
@@ -299,8 +297,8 @@ class PosteriorOnlyEstimator(Estimator):
     def scored_steps(self, trainable: list[int]) -> list[int]:
         return [0]
 
-    def scored_record(self, recorded, rows, k, prefix="flow_"):
-        states = recorded[prefix + "states"][rows]
+    def scored_record(self, trajectory, k):
+        states = trajectory.states
         empty = torch.zeros(states.shape[0], states.shape[-1], 0, device=states.device)
         source_to_final = StepRecord(
             states[:, 0], states[:, -1], None, empty.long(), empty, empty.long(), empty, empty, None

@@ -101,6 +101,13 @@ class Trajectory:
         per_step = {name: getattr(self, name)[:, k] for name in PER_STEP_FIELDS}
         return StepRecord(x_t=self.states[:, k], x_next=self.states[:, k + 1], **per_step)
 
+    def index(self, rows: torch.Tensor | slice) -> Trajectory:
+        """The rollouts ``rows`` (the time grid is shared)."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Trajectory(
+            **{k: v if k == "times" or v is None else v[rows] for k, v in values.items()}
+        )
+
     def to_dict(self, prefix: str = "flow_") -> dict[str, torch.Tensor]:
         """Batch-first tensors (times repeated per sample) for TRL's buffering/splitting."""
         out = {prefix + f.name: getattr(self, f.name) for f in fields(self) if f.name != "times"}

@@ -212,8 +212,8 @@ class _LeakyBaseline(DFlowGRPOTrainer):
     step's argmax; the outcome itself at the last step), so it depends on the action it credits."""
 
     def _step_advantages(self, inputs, advantages):
-        greedy, states = self._flow_current["flow_greedy"], self._flow_current["flow_states"]
-        self._flow_current["flow_greedy"] = torch.cat([greedy[:, 1:], states[:, -1:]], dim=1)
+        traj = self._flow_batch.trajectory
+        traj.greedy = torch.cat([traj.greedy[:, 1:], traj.states[:, -1:]], dim=1)
         return super()._step_advantages(inputs, advantages)
 
 

@@ -441,7 +441,7 @@ def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
 
     def spy(prompts):
         out = original(prompts)
-        seen.append(trainer._flow_current)
+        seen.append(trainer._flow_batch.to_dict())
         return out
 
     trainer._generate = spy
@@ -491,13 +491,13 @@ def test_non_finite_logits_are_named_as_such():
 
 
 def _first_step_advantages(trainer) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Train, and return the first batch's rollout rows, TRL's advantages and the per-step ones."""
+    """Train, and return the first batch's FlowBatch, TRL's advantages and the per-step ones."""
     seen = []
     original = trainer._step_advantages
 
     def spy(inputs, advantages):
         out = original(inputs, advantages)
-        seen.append((trainer._flow_current, advantages.clone(), out))
+        seen.append((trainer._flow_batch, advantages.clone(), out))
         return out
 
     trainer._step_advantages = spy
@@ -514,9 +514,9 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
         per_device_train_batch_size=8, max_steps=2,
     )
     rows, trl_adv, adv = _first_step_advantages(trainer)
-    steps, greedy = rows["flow_step_index"], rows["flow_greedy"]
+    steps, greedy = rows.step_index, rows.trajectory.greedy
     assert adv.shape == steps.shape == (8, len(trainer._trainable_steps(4)))
-    rewards = torch.tensor(count_reward(None, None, rows["flow_states"][:, -1].tolist()))
+    rewards = torch.tensor(count_reward(None, None, rows.trajectory.states[:, -1].tolist()))
     sigma = {"group": rewards.view(-1, 4).std(1).repeat_interleave(4) + 1e-4,
              "batch": rewards.std().expand(8) + 1e-4, "none": torch.ones(8)}[scale]  # fmt: skip
     for j, k in enumerate(steps[0].tolist()):
@@ -524,7 +524,7 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
         shift = (b - b.view(-1, 4).mean(1).repeat_interleave(4)) / sigma
         torch.testing.assert_close(adv[:, j], trl_adv - shift, atol=1e-5, rtol=1e-4)
     assert trainer.state.log_history[0][f"flow/baseline_coef/step_{steps[0, -1].item()}"] == 1.0
-    assert greedy.shape == (8, 4, rows["flow_states"].shape[-1])
+    assert greedy.shape == (8, 4, rows.trajectory.states.shape[-1])
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
@@ -537,8 +537,8 @@ def test_td_lambda_credits_each_step_with_the_change_of_the_greedy_values(tmp_pa
         per_device_train_batch_size=8, max_steps=1, train_steps="all",
     )
     rows, trl_adv, adv = _first_step_advantages(trainer)
-    steps, greedy = rows["flow_step_index"], rows["flow_greedy"]
-    rewards = torch.tensor(count_reward(None, None, rows["flow_states"][:, -1].tolist()))
+    steps, greedy = rows.step_index, rows.trajectory.greedy
+    rewards = torch.tensor(count_reward(None, None, rows.trajectory.states[:, -1].tolist()))
     sigma = rewards.std() + 1e-4
     num_steps = greedy.shape[1]
     v = []
@@ -641,7 +641,7 @@ def test_time_power_grid_is_used_by_rollouts_and_scoring(tmp_path):
 
     def spy(prompts):
         out = original(prompts)
-        seen.append(trainer._flow_current["flow_times"][0].clone())
+        seen.append(trainer._flow_batch.trajectory.times.clone())
         return out
 
     trainer._generate = spy

@@ -45,6 +45,7 @@ from ..rollout import flow_logits, rollout
 from ..sampling import guided_log_probs, time_grid
 from .config import DFlowGRPOConfig
 from .ema import EMA_STATE_NAME, EMACallback, ParameterEMA
+from .flow_batch import FlowBatch
 from .model_card import flow_model_card
 
 _CITATION = """\
@@ -54,8 +55,6 @@ _CITATION = """\
     year    = 2026,
     eprint  = {arXiv:2605.09291},
 }"""
-
-_BATCH_KEYS = ("input_ids", "attention_mask", "canvas_mask", "uncond_input_ids")
 
 
 class DFlowGRPOTrainer(GRPOTrainer):
@@ -170,12 +169,12 @@ class DFlowGRPOTrainer(GRPOTrainer):
             self.ema = ParameterEMA(self.model, args.ema_decay, args.ema_update_interval)
             self.add_callback(EMACallback(self.ema))
         self.flow_path = flow_model.get_probability_path()
-        self._flow_rows_in: list[dict[str, Any]] | None = None
-        self._flow_current: dict[str, Any] | None = None
-        self._flow_canvas: list[list[int]] | None = None
-        self._flow_last_images: list[Any] = []
-        self._flow_rewards: torch.Tensor | None = None
-        self._flow_baseline_stats: dict[int, list[float]] = {}
+        # The batch in flight between TRL's calls into the overrides: built from the dataset rows before
+        # TRL generates, completed by `_generate` and `_calculate_rewards`, rebuilt from TRL's buffer in
+        # `compute_loss`; None in between.
+        self._flow_batch: FlowBatch | None = None
+        self._images_to_log: list[Any] = []
+        self._baseline_stats: dict[int, list[float]] = {}
         # dr_grpo normalises by max_completion_length: here, the number of trained steps per rollout.
         self.max_completion_length = max(1, self._num_trained_steps(args.num_flow_steps))
 
@@ -251,22 +250,27 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     # ---- rollouts ---------------------------------------------------------------------------------
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        self._flow_rows_in = inputs
-        output = super()._generate_and_score_completions(inputs)
-        if self.args.step_baseline != "none" and self.model.training:
-            output["advantages"] = self._step_advantages(inputs, output["advantages"])
-        output.update(self._flow_current)
-        output.pop("flow_greedy", None)
-        self._flow_current = None
+        columns = {k: [r[k] for r in inputs] for k in inputs[0] if k != "prompt"}
+        prompts = [r["prompt"] for r in inputs]
+        flow_inputs = self._flow_model().prepare_flow_inputs(prompts, self.processing_class, **columns)
+        self._flow_batch = FlowBatch(flow_inputs)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            if self.args.step_baseline != "none" and self.model.training:
+                output["advantages"] = self._step_advantages(inputs, output["advantages"])
+            output.update(self._flow_batch.to_dict())
+        finally:
+            self._flow_batch = None
         return output
 
     def _generate(self, prompts: list[Any]):
         mode = "train" if self.model.training else "eval"
         args = self.args
-        rows = self._flow_rows_in
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
         flow_model = self._flow_model()
-        batch = flow_model.prepare_flow_inputs(prompts, self.processing_class, **columns)
+        flow = self._flow_batch
+        batch = flow.inputs
+        if batch.batch_size != len(prompts):
+            raise RuntimeError("DFlowGRPOTrainer: prompts differ from the batch (internal error)")
         num_steps = args.num_flow_steps if mode == "train" else args.num_flow_steps_eval
         cfg = args.cfg_scale if mode == "train" else args.cfg_scale_eval
         # Evaluation scores the policy on independent rollouts; branching is a training-time estimator.
@@ -296,19 +300,12 @@ class DFlowGRPOTrainer(GRPOTrainer):
             step_index = branch.unsqueeze(1)
         else:
             step_index = self._select_steps(batch.batch_size, num_steps, traj.states.device)
-        self._flow_canvas = traj.final.tolist()
-        self._flow_current = {
-            **traj.to_dict(),
-            "flow_step_index": step_index,
-            "flow_cfg_scale": torch.full((batch.batch_size,), float(cfg), device=step_index.device),
-            **{f"flow_{k}": getattr(batch, k) for k in _BATCH_KEYS if getattr(batch, k) is not None},
-            **{f"flow_extra_{k}": v for k, v in batch.extra.items()},
-        }
+        flow.trajectory, flow.step_index, flow.cfg_scale = traj, step_index, float(cfg)
         changed = (traj.states[:, 1:] != traj.states[:, :-1]).float().mean(dim=(0, 2))
         for k, frac in enumerate(changed.tolist()):
             self._metrics[mode][f"flow/changed_frac/step_{k}"].append(frac)
         if flow_model.canvas_kind == "image" and args.log_sample_images:
-            self._flow_last_images = list(completions[: args.log_sample_images])
+            self._images_to_log = list(completions[: args.log_sample_images])
         cond = (batch.attention_mask.bool() & ~batch.canvas_mask).cpu()
         prompt_ids = [row[m].tolist() for row, m in zip(batch.input_ids.cpu(), cond)]
         return prompt_ids, step_index.tolist(), None, completions, None, {}, None, None
@@ -335,16 +332,18 @@ class DFlowGRPOTrainer(GRPOTrainer):
         return steps[pick].repeat_interleave(g)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        self._flow_rewards = super()._calculate_rewards(inputs, prompts, completions, self._flow_canvas)
-        if bool(torch.isnan(self._flow_rewards).all()):
+        flow = self._flow_batch
+        canvas = flow.trajectory.final.tolist()
+        flow.rewards = super()._calculate_rewards(inputs, prompts, completions, canvas)
+        if bool(torch.isnan(flow.rewards).all()):
             # TRL zeroes such advantages: the step trains nothing, which would otherwise pass unnoticed.
             warnings.warn(
-                f"every reward function returned None for all {self._flow_rewards.shape[0]} samples of this "
+                f"every reward function returned None for all {flow.rewards.shape[0]} samples of this "
                 "batch: the step carries no learning signal (check the rewards' inputs, e.g. dataset columns "
                 "they need)",
                 stacklevel=2,
             )
-        return self._flow_rewards
+        return flow.rewards
 
     # ---- per-step baselines -----------------------------------------------------------------------
     _BASELINE_DECAY = 0.8
@@ -354,7 +353,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
         squares fit of the advantages by the baseline), from *earlier* generation batches only, so
         that ``c_k`` is fixed given the past and the baseline stays a function of ``x_k``. 1 until a
         batch has been seen; then updated with this batch (exponential decay 0.8)."""
-        stats = self._flow_baseline_stats.setdefault(k, [0.0, 0.0])
+        stats = self._baseline_stats.setdefault(k, [0.0, 0.0])
         coef = 1.0 if stats[1] == 0 else min(1.0, max(0.0, stats[0] / stats[1]))
         decay = self._BASELINE_DECAY
         stats[0] = decay * stats[0] + (advantages * shift).sum().item()
@@ -373,10 +372,10 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
         σ is recomputed from TRL's rewards and checked against TRL's advantages, so a change of
         TRL's normalisation fails here instead of silently mixing two scales."""
-        rows, g = self._flow_current, self.num_generations
-        step_index, greedy = rows["flow_step_index"], rows["flow_greedy"]
+        flow, g = self._flow_batch, self.num_generations
+        step_index, greedy = flow.step_index, flow.trajectory.greedy
         prompts = [r["prompt"] for r in inputs]
-        rewards = self._summed(self._flow_rewards)
+        rewards = self._summed(flow.rewards)
         spread = torch.ones_like(rewards)
         if self.scale_rewards == "group":
             spread = nanstd(rewards.view(-1, g), dim=1).repeat_interleave(g)
@@ -424,11 +423,17 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     # ---- log-probabilities ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self._flow_current = inputs
+        flow = FlowBatch.from_dict(inputs)
+        flow.skip = self._zero_advantage_rows(flow, inputs.get("advantages"))
+        if flow.skip is not None:
+            # A = 0: the loss term is 0 whatever the log-probability, so those rows keep TRL's old one
+            # (ratio 1), or 0 when TRL keeps none.
+            flow.skip_log_probs = inputs.get("old_per_token_logps")
+        self._flow_batch = flow
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
-            self._flow_current = None
+            self._flow_batch = None
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -436,25 +441,22 @@ class DFlowGRPOTrainer(GRPOTrainer):
     ):
         """Per-step ``log π̂_θ(x_{k+1} | x_k)`` (``(B, T)``, aggregated over the canvas) for the trained
         steps."""
-        rows = self._flow_current
-        if rows is None or rows["flow_states"].shape[0] != input_ids.shape[0]:
+        flow = self._flow_batch
+        if flow is None or flow.trajectory is None or flow.batch_size != input_ids.shape[0]:
             raise RuntimeError("DFlowGRPOTrainer: no trajectory matches this batch (internal error)")
-        states, times, step_index = rows["flow_states"], rows["flow_times"][0], rows["flow_step_index"]
-        cfg = float(rows["flow_cfg_scale"][0])
+        traj, step_index, cfg = flow.trajectory, flow.step_index, flow.cfg_scale
+        times = traj.times
         b, t_steps = step_index.shape
-        logps = torch.zeros(b, logits_to_keep, device=states.device)
+        logps = torch.zeros(b, logits_to_keep, device=traj.states.device)
         entropies = torch.zeros_like(logps)
         chunk = batch_size or self.args.per_device_train_batch_size
         mode = "train" if self.model.training else "eval"
-        skip = self._zero_advantage_rows(rows) if torch.is_grad_enabled() else None
+        skip = flow.skip if torch.is_grad_enabled() else None
         if skip is not None and skip.any():
-            # A = 0: the loss term is 0 whatever the log-probability, so take TRL's old one (ratio 1).
-            old = rows.get("old_per_token_logps")
+            old = flow.skip_log_probs
             logps[skip] = old[skip, : logps.shape[1]].detach() if old is not None else 0.0
             if compute_entropy:
-                entropies[skip, :t_steps] = (
-                    rows["flow_entropy"][skip].gather(1, step_index[skip]).to(entropies.dtype)
-                )
+                entropies[skip, :t_steps] = traj.entropy[skip].gather(1, step_index[skip]).to(entropies.dtype)
         if skip is not None:
             self._metrics[mode]["flow/skipped_frac"].append(skip.float().mean().item())
         for k in step_index.unique().tolist():
@@ -463,18 +465,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 sel = sel[~skip[sel[:, 0]]]
             for s in range(0, sel.shape[0], chunk):
                 i, j = sel[s : s + chunk, 0], sel[s : s + chunk, 1]
-                record, t_in = self.estimator.scored_record(rows, i, k)
-                batch = FlowInputs(
-                    rows["flow_input_ids"][i],
-                    rows["flow_attention_mask"][i],
-                    rows["flow_canvas_mask"][i],
-                    rows["flow_uncond_input_ids"][i] if "flow_uncond_input_ids" in rows else None,
-                    {
-                        key[len("flow_extra_") :]: v[i]
-                        for key, v in rows.items()
-                        if key.startswith("flow_extra_")
-                    },
-                )
+                rows = flow.index(i)
+                record, t_in = self.estimator.scored_record(rows.trajectory, k)
+                batch = rows.inputs
                 t, h = float(times[k]), float(times[k + 1] - times[k])
                 t_in = t if t_in is None else t_in
                 score = functools.partial(
@@ -505,11 +498,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
             )
         return logps, (entropies if compute_entropy else None), None
 
-    def _zero_advantage_rows(self, rows: dict[str, Any]) -> torch.Tensor | None:
+    def _zero_advantage_rows(self, flow: FlowBatch, advantages: torch.Tensor | None) -> torch.Tensor | None:
         """``(B,)`` rows whose advantages are 0 at every step, when no loss term but ``A · (…)`` sees
         them (``DFlowGRPOConfig.skip_zero_advantage``); ``None`` when every row must be scored."""
         args = self.args
-        if not args.skip_zero_advantage or "flow_entropy" not in rows or "advantages" not in rows:
+        if not args.skip_zero_advantage or flow.trajectory.entropy is None or advantages is None:
             return None
         if (
             self.beta != 0
@@ -518,7 +511,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
             or args.top_entropy_quantile < 1
         ):
             return None
-        adv = rows["advantages"]
+        adv = advantages
         skip = (adv == 0).all(-1) if adv.dim() == 2 else adv == 0
         # Score one row even then: the loss needs a graph, and under DDP every rank must run the model.
         skip[0] = False
@@ -546,10 +539,10 @@ class DFlowGRPOTrainer(GRPOTrainer):
         if self.log_completions:
             _images_as_completion_images(self._logs)
         super().log(logs, start_time)
-        if self._flow_last_images:
+        if self._images_to_log:
             # A collective: every rank holds images here (same config) and must join, or rank 0 hangs.
-            images = gather_object(self._flow_last_images)
-            self._flow_last_images = []
+            images = gather_object(self._images_to_log)
+            self._images_to_log = []
             if self.accelerator.is_main_process:
                 _log_images(self, images[: self.args.log_sample_images])
 
