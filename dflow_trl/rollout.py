@@ -9,7 +9,7 @@ import torch
 from .likelihood import Estimator
 from .models.base import FlowInputs
 from .paths.base import ProbabilityPath
-from .sampling import Trajectory, sample_trajectory, time_grid
+from .sampling import Trajectory, guided_log_probs, sample_trajectory, time_grid
 
 
 def wants_flow_time(model: Any) -> bool:
@@ -33,6 +33,22 @@ def flow_logits(
     if wants_flow_time(model):
         extra["flow_time"] = t
     return model(input_ids=ids, attention_mask=batch.attention_mask, canvas_mask=batch.canvas_mask, **extra)
+
+
+def flow_log_posterior(
+    model: Any,
+    batch: FlowInputs,
+    canvas: torch.LongTensor,
+    t: float,
+    cfg_scale: float = 0.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """``(B, D, V)`` log-probabilities of the policy's posterior at ``canvas``:
+    ``log softmax(((1 + w) ℓ_c − w ℓ_u) / τ)`` (:func:`~dflow_trl.sampling.guided_log_probs`). The one
+    definition rollouts sample from and the loss scores with, so the two never disagree."""
+    cond = flow_logits(model, batch, canvas, t=t)
+    uncond = flow_logits(model, batch, canvas, unconditional=True, t=t) if cfg_scale != 0 else None
+    return guided_log_probs(cond, uncond, cfg_scale, temperature)
 
 
 @torch.no_grad()
@@ -72,12 +88,12 @@ def rollout(
         parts.append(
             sample_trajectory(
                 path,
-                lambda x, t, sub=sub: flow_logits(model, sub, x, t=t),
+                None,
                 x0,
                 times=time_grid(num_steps, device=device, power=time_power),
-                uncond_logits_fn=(lambda x, t, sub=sub: flow_logits(model, sub, x, unconditional=True, t=t)),
-                cfg_scale=cfg_scale,
-                temperature=temperature,
+                log_posterior_fn=(
+                    lambda x, t, sub=sub: flow_log_posterior(model, sub, x, t, cfg_scale, temperature)
+                ),
                 estimator=estimator,
                 generator=generator,
                 branch_steps=None if branch_steps is None else branch_steps[s : s + chunk],

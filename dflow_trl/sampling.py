@@ -146,7 +146,7 @@ def _branch_leaders(
 @torch.no_grad()
 def sample_trajectory(
     path: ProbabilityPath,
-    logits_fn: LogitsFn,
+    logits_fn: LogitsFn | None,
     x0: torch.LongTensor,
     num_steps: int | None = None,
     times: torch.Tensor | None = None,
@@ -159,11 +159,14 @@ def sample_trajectory(
     group_size: int = 1,
     record_greedy: bool = False,
     record_entropy: bool = False,
+    log_posterior_fn: LogitsFn | None = None,
 ) -> Trajectory:
     """Roll ``x0`` (``(B, D)``) from ``t = 0`` to ``t = 1`` with the Euler-jump sampler.
 
     ``logits_fn(x_t, t)`` returns ``(B, D, V)`` posterior logits for the canvas; with ``cfg_scale``
-    ``w ≠ 0`` the posterior is ``softmax(((1 + w) ℓ_c - w ℓ_u) / τ)``. The last step takes ``x1``.
+    ``w ≠ 0`` the posterior is ``softmax(((1 + w) ℓ_c - w ℓ_u) / τ)``. ``log_posterior_fn(x_t, t)``
+    instead gives the rollout posterior's log-probabilities directly (the trainer passes the function
+    its loss scores with, :func:`dflow_trl.rollout.flow_log_posterior`). The last step takes ``x1``.
 
     ``branch_steps`` (``(B,)``) makes groups of ``group_size`` consecutive rows share one
     trajectory ``x_0 .. x_k`` (their first row's) and branch at step ``k = branch_steps[row]``:
@@ -182,7 +185,9 @@ def sample_trajectory(
         raise ValueError("times must be an increasing 1-D grid from 0 to 1")
     if not bool((times[1:] > times[:-1]).all()):
         raise ValueError("times must be strictly increasing")
-    if cfg_scale != 0 and uncond_logits_fn is None:
+    if (logits_fn is None) == (log_posterior_fn is None):
+        raise ValueError("give exactly one of logits_fn and log_posterior_fn")
+    if cfg_scale != 0 and uncond_logits_fn is None and log_posterior_fn is None:
         raise ValueError("cfg_scale != 0 needs uncond_logits_fn")
     path.check_tokens(x0, "x0")
     leader = _branch_leaders(x0.shape[0], branch_steps, group_size, x0.device)
@@ -191,8 +196,11 @@ def sample_trajectory(
     x, records, greedy, entropy = x0, [], [], []
     for k in range(times.numel() - 1):
         t, h = float(times[k]), float(times[k + 1] - times[k])
-        uncond = uncond_logits_fn(x, t) if cfg_scale != 0 else None
-        log_probs = guided_log_probs(logits_fn(x, t), uncond, cfg_scale, temperature)
+        if log_posterior_fn is not None:
+            log_probs = log_posterior_fn(x, t)
+        else:
+            uncond = uncond_logits_fn(x, t) if cfg_scale != 0 else None
+            log_probs = guided_log_probs(logits_fn(x, t), uncond, cfg_scale, temperature)
         probs = log_probs.exp()
         if record_greedy:
             greedy.append(probs.argmax(-1))

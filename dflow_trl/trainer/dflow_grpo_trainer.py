@@ -41,8 +41,8 @@ from ..models.base import FlowInputs, check_flow_model
 from ..models.loading import load_flow_model, load_processing_class
 from ..rewards import REWARD_REGISTRY, get_reward_function
 from ..rewards.combine import checked_reward
-from ..rollout import flow_logits, rollout
-from ..sampling import guided_log_probs, time_grid
+from ..rollout import flow_log_posterior, rollout
+from ..sampling import time_grid
 from .config import DFlowGRPOConfig
 from .ema import EMA_STATE_NAME, EMACallback, ParameterEMA
 from .flow_batch import FlowBatch
@@ -523,9 +523,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``log π̂_θ(x_{k+1} | x_k)`` of one step aggregated over the canvas (``(B,)``), and the mean
         posterior entropy (``(B,)``, no gradient) when asked."""
-        cond = flow_logits(model, batch, record.x_t, t=t_in)
-        uncond = flow_logits(model, batch, record.x_t, unconditional=True, t=t_in) if cfg != 0 else None
-        log_post = guided_log_probs(cond, uncond, cfg, self.args.flow_temperature)
+        log_post = flow_log_posterior(model, batch, record.x_t, t_in, cfg, self.args.flow_temperature)
         per_pos = self.estimator.step_log_prob(self.flow_path, record, log_post, t, h).float()
         agg = per_pos.mean(-1) if self.args.step_aggregation == "mean" else per_pos.sum(-1)
         ent = None
