@@ -43,6 +43,11 @@ def main() -> None:
         "--max-steps", type=int, default=None, help="optimizer steps (heldout: the demo's; prompt: 12)"
     )
     ap.add_argument(
+        "--steps-for", nargs="+", default=[], metavar="METHOD=N",
+        help="heldout: another step count for a method, e.g. posterior_only=63 to compare at equal "
+        "training time (the table then reports each method's training seconds)",
+    )
+    ap.add_argument(
         "--eval-per-tag", type=int, default=None, help="heldout: prompts per category (default: the demo's)"
     )
     ap.add_argument(
@@ -94,6 +99,10 @@ def main() -> None:
 def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {"base": []}
     bases: dict[int, dict] = {}
+    steps_for = dict(item.split("=", 1) for item in a.steps_for)
+    unknown = sorted(set(steps_for) - set(a.estimators))
+    if unknown:
+        raise SystemExit(f"--steps-for names methods not in --estimators: {unknown}")
     for seed in a.seeds:
         for est in a.estimators:
             overrides = {
@@ -104,7 +113,7 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
             args = build_parser().parse_args([
                 "--output-dir", str(out / f"{est}-seed{seed}"), "--estimator", estimator, "--seed", str(seed),
                 "--step-baseline", baseline or "none",
-                "--max-steps", str(a.max_steps or DEMO_DEFAULTS["t2i"]["max_steps"]),
+                "--max-steps", steps_for.get(est, str(a.max_steps or DEMO_DEFAULTS["t2i"]["max_steps"])),
                 "--train-minutes", "1000",
                 *[str(x) for flag, v in overrides.items() if v is not None for x in (flag, v)],
             ])  # fmt: skip
@@ -112,7 +121,9 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
             if seed not in bases:
                 bases[seed] = res["base"]
                 rows["base"].append(res["base"])
-            rows.setdefault(est, []).append(res["final"])
+            rows.setdefault(est, []).append(
+                {**res["final"], "train_seconds": res["train_seconds"], "steps": res["steps"]}
+            )
             print(
                 f"[compare] {est} seed {seed}: {res['base_score']:.3f} -> {res['final_score']:.3f}",
                 flush=True,
@@ -179,10 +190,13 @@ def _stats(vals: list[float]) -> str:
 
 
 def format_table(rows: dict[str, list[dict]]) -> str:
-    head = "| method | overall | " + " | ".join(TAGS) + " |"
-    lines = [head, "|" + "---|" * (len(TAGS) + 2)]
+    head = "| method | steps | training s | overall | " + " | ".join(TAGS) + " |"
+    lines = [head, "|" + "---|" * (len(TAGS) + 4)]
     for name, results in rows.items():
-        cells = [_stats([r["strict"] for r in results])]
+        steps = sorted({r["steps"] for r in results if "steps" in r})
+        secs = [r["train_seconds"] for r in results if "train_seconds" in r]
+        cells = [",".join(map(str, steps)) or "–", f"{sum(secs) / len(secs):.0f}" if secs else "–"]
+        cells += [_stats([r["strict"] for r in results])]
         cells += [_stats([r["per_category"][t] for r in results]) for t in TAGS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
