@@ -15,6 +15,7 @@ from PIL import Image
 from ._inputs import TRL_EXTRA_KWARGS, resolve_device, resolve_dtype, to_pil_images
 from .clip_scorers import LazyClip
 from .geneval_rules import (
+    CLASS_ALIASES,
     GENEVAL_COLORS,
     Detection,
     GenEvalResult,
@@ -28,9 +29,6 @@ from .geneval_rules import (
 
 GENEVAL_DETECTOR = "facebook/mask2former-swin-small-coco-instance"
 GENEVAL_CLIP_MODEL = "openai/clip-vit-large-patch14"
-
-# COCO detectors (detectron2, transformers' Mask2Former) label three of GenEval's classes by shorter names.
-CLASS_ALIASES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
 
 # GenEval blanks everything outside an object's mask with this grey before classifying its colour.
 _CROP_BACKGROUND = "#999999"

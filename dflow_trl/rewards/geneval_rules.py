@@ -34,6 +34,11 @@ GENEVAL_CLASSES = (
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
     "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
+
+# COCO detectors (detectron2, transformers' Mask2Former) label three of GenEval's classes by shorter names.
+CLASS_ALIASES = {"computer mouse": "mouse", "tv remote": "remote", "computer keyboard": "keyboard"}
+# The detector's labels, in GenEval's order.
+COCO_LABELS = tuple(CLASS_ALIASES.get(name, name) for name in GENEVAL_CLASSES)
 # Other names of GenEval's classes: COCO detectors' labels (detectron2, mmdet, transformers) and common
 # variants (VOC's, British spellings).
 GENEVAL_CLASS_ALIASES = {
