@@ -39,14 +39,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .paths.base import ProbabilityPath
-
-if TYPE_CHECKING:
-    from .sampling import Trajectory
 
 
 @dataclass
@@ -189,6 +186,15 @@ PER_STEP_FIELDS = (
 )
 
 
+class RecordedSteps(Protocol):
+    """What an estimator reads from a batch of recorded rollouts (a
+    :class:`~dflow_trl.sampling.Trajectory`): the states ``(B, K+1, D)`` and each step's record."""
+
+    states: torch.LongTensor
+
+    def step(self, k: int) -> StepRecord: ...
+
+
 class Estimator(ABC):
     """Per-position ``log π̂_θ(x_{k+1} | x_k)`` from a recorded step and fresh log-posteriors.
 
@@ -219,7 +225,7 @@ class Estimator(ABC):
         """The steps whose log-probability the loss takes, given the config's ``trainable`` ones."""
         return trainable
 
-    def scored_record(self, trajectory: Trajectory, k: int) -> tuple[StepRecord, float | None]:
+    def scored_record(self, trajectory: RecordedSteps, k: int) -> tuple[StepRecord, float | None]:
         """The record of step ``k`` of ``trajectory`` that :meth:`step_log_prob` scores, and the time
         at which the posterior is evaluated (``None``: the step's own ``t_k``)."""
         return trajectory.step(k), None
