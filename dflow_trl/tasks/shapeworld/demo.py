@@ -35,8 +35,8 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         # The paper's step counts: rollouts at K = 8, evaluation at K = 20.
         num_flow_steps=8,
         eval_steps=8,
-        # Time grid t_k = (k/K)^3 for rollouts and evaluation: at K = 8 the base scores 0.39 held-out
-        # with it and 0.31 on the uniform grid (docs/shapeworld.md).
+        # Time grid t_k = (k/K)^3 for rollouts and evaluation: at K = 8 the first-stage base scored
+        # 0.39 held-out with it and 0.31 on the uniform grid (docs/shapeworld.md).
         time_power=3.0,
         # 24 prompts per category × 4 samples (GenEval draws 4): standard error about 0.02.
         eval_per_tag=24,
