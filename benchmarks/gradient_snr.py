@@ -14,7 +14,8 @@ more steps (or larger batches) before the reward moves.
 A method is an estimator name, optionally with ``+branch`` (``rollout_branching``: one trained step
 per rollout, step-level credit) and/or ``+greedy`` (``step_baseline="greedy"``: step k's advantage
 takes the reward of the posterior's prediction at x_k as its baseline) or ``+td`` (the same values
-as TD(0) credit, ``step_baseline_lambda=0``: biased). ``seconds`` is the wall
+as TD(0) credit, ``step_baseline_lambda=0``: biased) or ``+shared`` (``shared_source``: each group
+starts from one x_0). ``seconds`` is the wall
 time of the setting's R gradients, so ρ per second compares methods of different cost.
 
     python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only \\
@@ -42,9 +43,10 @@ def batch_gradients(
     """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts), their
     mean rewards, and per step the share of the advantage's variance a step baseline removed."""
     estimator, *variants = method.split("+")
-    if not set(variants) <= {"branch", "greedy", "td"}:
+    if not set(variants) <= {"branch", "greedy", "td", "shared"}:
         raise SystemExit(
-            f"unknown method {method!r}: use an estimator name, NAME+branch, NAME+greedy or NAME+td"
+            f"unknown method {method!r}: use an estimator name, NAME+branch, NAME+greedy, NAME+td "
+            "or NAME+shared"
         )
     from datasets import Dataset
 
@@ -67,6 +69,7 @@ def batch_gradients(
         top_k_size=4,
         include_last_step=True,
         rollout_branching="branch" in variants,
+        shared_source="shared" in variants,
         step_baseline="greedy" if {"greedy", "td"} & set(variants) else "none",
         step_baseline_lambda=0.0 if "td" in variants else 1.0,
         flow_time_power=args.time_power,

@@ -172,6 +172,19 @@ def test_branched_rollouts_match_brute_force(tmp_path, kind, estimator):
     assert cos > 0.9, cos
 
 
+@pytest.mark.parametrize("kind", PATHS)
+def test_shared_source_matches_brute_force(tmp_path, kind):
+    """A group sharing one x_0 ~ p_0, every trained step trained: unbiased (the rollouts are i.i.d.
+    given x_0, which does not depend on θ, so the group mean is an x_0-conditional baseline)."""
+    exact = exact_gradient(kind)
+    grads = trainer_gradients(tmp_path, kind, 512, 12, estimator="top_k", shared_source=True)
+    mean, se, cos = projection(grads, exact)
+    target = exact.norm().item()
+    assert abs(mean - target) <= BAND * se, f"projection {mean:.4f} ± {se:.4f} vs exact {target:.4f}"
+    assert se < 0.05 * target
+    assert cos > 0.95, cos
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("kind", PATHS)
 def test_dropping_the_last_step_is_caught_as_biased(tmp_path, kind, estimator):

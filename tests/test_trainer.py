@@ -459,6 +459,36 @@ def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
             assert (group[:, : k + 1] == group[:1, : k + 1]).all()
 
 
+@pytest.mark.parametrize("path", ["uniform", "metric"])
+def test_shared_source_groups_share_x0_and_train_every_step(tmp_path, path):
+    trainer = make_trainer(
+        tmp_path, path, estimator="top_k", shared_source=True, per_device_train_batch_size=8
+    )
+    seen = []
+    original = trainer._generate
+
+    def spy(prompts):
+        out = original(prompts)
+        seen.append(trainer._flow_batch.to_dict())
+        return out
+
+    trainer._generate = spy
+    trainer.train()
+    trained = trainer._trainable_steps(4)
+    assert trainer.max_completion_length == len(trained)
+    for rows in seen:
+        steps, states = rows["flow_step_index"], rows["flow_states"]
+        assert (steps == torch.tensor(trained)).all()
+        groups = states[:, 0].view(2, 4, -1)
+        assert (groups == groups[:, :1]).all()  # one x_0 per group …
+        assert not torch.equal(groups[0, 0], groups[1, 0])  # … drawn per group
+        assert not (states[:4, -1] == states[:1, -1]).all()  # and the rollouts go their own ways
+    with pytest.raises(ValueError, match="shared_source"):
+        make_args(tmp_path, shared_source=True, rollout_branching=True)
+    with pytest.raises(ValueError, match="whole groups"):
+        trainer._check_whole_groups(["a", "a", "b", "a"], "shared_source")
+
+
 def test_branched_rollouts_reject_what_they_cannot_train(tmp_path):
     with pytest.raises(ValueError, match="posterior_only"):
         make_args(tmp_path, estimator="posterior_only", rollout_branching=True)

@@ -44,6 +44,12 @@ class DFlowGRPOConfig(GRPOConfig):
             ``x_k`` on and the group mean is a baseline conditioned on ``x_k``. Unbiased for the
             policy gradient up to the positive factor ``1/T`` (T trained steps), with one step's
             score terms per rollout instead of T; one backward step per rollout.
+        shared_source: each group's rollouts start from one source draw ``x_0 ~ p_0`` (DanceGRPO's
+            shared initial noise) and run independently from there; every trained step is still
+            trained. ``x_0`` does not depend on θ and the rollouts are i.i.d. given it, so the group
+            mean becomes a baseline conditioned on ``x_0`` and the gradient stays unbiased; it removes
+            the share of the reward's variance that ``x_0`` decides
+            (``benchmarks/reward_variance_by_step.py``).
         step_baseline: per-step baseline of the advantage. ``"none"``: every trained step of a
             rollout gets its GRPO advantage ``(R − mean_G R) / σ``. ``"greedy"``: step ``k`` gets
             ``(R − mean_G R − c_k (b_k − mean_G b_k)) / σ`` with ``b_k = R(argmax p^θ_{1|t_k}(· | x_k))``,
@@ -120,6 +126,15 @@ class DFlowGRPOConfig(GRPOConfig):
             "help": (
                 "Groups share their trajectory up to a random step and branch there; "
                 "only that step is trained."
+            )
+        },
+    )
+    shared_source: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Each group's rollouts start from one x_0 ~ p_0, so the group mean is a baseline "
+                "conditioned on x_0 (unbiased)."
             )
         },
     )
@@ -214,6 +229,10 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(
                 "rollout_branching trains one step per rollout already: "
                 "leave num_train_steps_per_rollout unset"
+            )
+        if self.rollout_branching and self.shared_source:
+            errors.append(
+                "rollout_branching already shares x_0 (and more) within a group: leave shared_source off"
             )
         if self.cfg_scale < 0 or self.cfg_scale_eval < 0:
             errors.append(

@@ -276,6 +276,10 @@ class DFlowGRPOTrainer(GRPOTrainer):
         # Evaluation scores the policy on independent rollouts; branching is a training-time estimator.
         branching = args.rollout_branching and mode == "train"
         branch = self._branch_steps(prompts, num_steps, batch.input_ids.device) if branching else None
+        if args.shared_source and mode == "train":
+            # Branching at step 0 shares x_0 only: x_1 onwards is drawn per rollout.
+            self._check_whole_groups(prompts, "shared_source")
+            branch = torch.zeros(len(prompts), dtype=torch.long, device=batch.input_ids.device)
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
         ) as unwrapped:
@@ -296,7 +300,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 record_entropy=args.skip_zero_advantage and mode == "train",
             )
         completions = flow_model.decode_canvas(traj.final, self.processing_class)
-        if branch is not None:
+        if branching:
             step_index = branch.unsqueeze(1)
         else:
             step_index = self._select_steps(batch.batch_size, num_steps, traj.states.device)
@@ -320,16 +324,19 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     def _branch_steps(self, prompts: list[Any], num_steps: int, device: torch.device) -> torch.Tensor:
         """One trained step per group, uniformly at random, repeated for the group's rows."""
+        self._check_whole_groups(prompts, "rollout_branching")
         g = self.num_generations
-        if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
-            raise ValueError(
-                "rollout_branching needs each process's batch to hold whole groups of "
-                f"{g} rollouts of one prompt; "
-                "make per_device_train_batch_size a multiple of num_generations"
-            )
         steps = torch.tensor(self._trainable_steps(num_steps), device=device)
         pick = torch.randint(0, steps.numel(), (len(prompts) // g,), device=device)
         return steps[pick].repeat_interleave(g)
+
+    def _check_whole_groups(self, prompts: list[Any], option: str) -> None:
+        g = self.num_generations
+        if len(prompts) % g or any(prompts[i] != prompts[i - i % g] for i in range(len(prompts))):
+            raise ValueError(
+                f"{option} needs each process's batch to hold whole groups of {g} rollouts of one prompt; "
+                "make per_device_train_batch_size a multiple of num_generations"
+            )
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         flow = self._flow_batch

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="step-level credit from branched rollouts (DFlowGRPOConfig.rollout_branching)",
     )
     ap.add_argument(
+        "--shared-source", action=argparse.BooleanOptionalAction, default=None,
+        help="each group's rollouts start from one x_0 (DFlowGRPOConfig.shared_source)",
+    )
+    ap.add_argument(
         "--step-baseline", choices=["none", "greedy"], default=None,
         help="per-step advantage baseline (DFlowGRPOConfig.step_baseline)",
     )
@@ -106,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--time-power", type=float, default=None,
         help="time grid t_k = (k/K)^power of rollouts and evaluation (t2i; DFlowGRPOConfig.flow_time_power)",
+    )
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (alpha = 2 r)")
+    ap.add_argument(
+        "--train-steps-per-rollout", dest="num_train_steps_per_rollout", type=int, default=None,
+        help="train a random subset of this many denoising steps per rollout "
+        "(DFlowGRPOConfig.num_train_steps_per_rollout; default: all)",
     )
     ap.add_argument("--eval-per-tag", type=int, default=None, help="held-out prompts per category (t2i)")
     ap.add_argument("--eval-questions", type=int, default=240, help="held-out questions (understanding)")
@@ -285,8 +295,10 @@ def build_trainer(
         num_flow_steps=cfg["num_flow_steps"],
         estimator=cfg["estimator"],
         rollout_branching=cfg.get("rollout_branching", False),
+        shared_source=cfg.get("shared_source", False),
         step_baseline=cfg.get("step_baseline", "none"),
         step_baseline_lambda=cfg.get("step_baseline_lambda", 1.0),
+        num_train_steps_per_rollout=cfg.get("num_train_steps_per_rollout"),
         flow_time_power=cfg.get("time_power", 1.0),
         num_mc_samples=8,
         top_k_size=4,
@@ -341,6 +353,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     overridable = (
         "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline",
         "step_baseline_lambda", "time_power", "reward", "eval_per_tag", "eval_steps", "eval_samples",
+        "lora_r", "num_train_steps_per_rollout", "shared_source",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:
