@@ -134,7 +134,9 @@ def record_step(
         u = torch.rand(x_t.shape, generator=generator, dtype=torch.float64, device=x_t.device)
         stayed_by_floor = (y == x_t) & (u * k_stay < floor)
 
-    log_post = posterior_probs.detach().double().clamp_min(0).log()
+    def log_post(ids: torch.Tensor) -> torch.Tensor:  # only the k + n entries asked for, not (..., V)
+        return posterior_probs.detach().gather(-1, ids).double().clamp_min(0).log()
+
     head_ids = torch.zeros((*x_t.shape, 0), dtype=torch.long, device=x_t.device)
     if head_size:
         head_ids = torch.topk(posterior_probs.detach(), head_size, dim=-1).indices
@@ -150,16 +152,17 @@ def record_step(
         placed = draw_ids.gather(-1, slot.unsqueeze(-1)).squeeze(-1)
         draw_ids = draw_ids.scatter(-1, slot.unsqueeze(-1), torch.where(place, x1, placed).unsqueeze(-1))
 
-    head_log_excess = _log_excess(path, x_t, y, head_ids, t, h, floor)
-    draw_log_excess = _log_excess(path, x_t, y, draw_ids, t, h, floor)
+    # Head and draws in one call: the metric path's rates then cost one pass per distinct x1.
+    log_excess = _log_excess(path, x_t, y, torch.cat([head_ids, draw_ids], -1), t, h, floor)
+    head_log_excess, draw_log_excess = log_excess.split([head_ids.shape[-1], draw_ids.shape[-1]], -1)
     if head_size and num_draws:
         in_head_draw = (draw_ids.unsqueeze(-1) == head_ids.unsqueeze(-2)).any(-1)
         draw_log_excess = draw_log_excess.masked_fill(in_head_draw, -math.inf)
-    draw_logp_old = log_post.gather(-1, draw_ids)
+    draw_logp_old = log_post(draw_ids)
     if head_size or num_draws:
         old = estimate_log_prob(
             log_floor,
-            log_post.gather(-1, head_ids),
+            log_post(head_ids),
             head_log_excess,
             torch.zeros_like(draw_logp_old),
             draw_log_excess,
@@ -182,7 +185,13 @@ def record_step(
 
 
 PER_STEP_FIELDS = (
-    "log_floor", "head_ids", "head_log_excess", "draw_ids", "draw_logp_old", "draw_log_excess", "old_log_prob"
+    "log_floor",
+    "head_ids",
+    "head_log_excess",
+    "draw_ids",
+    "draw_logp_old",
+    "draw_log_excess",
+    "old_log_prob",
 )
 
 

@@ -42,13 +42,36 @@ def flow_log_posterior(
     t: float,
     cfg_scale: float = 0.0,
     temperature: float = 1.0,
+    batch_cfg: bool = True,
 ) -> torch.Tensor:
     """``(B, D, V)`` log-probabilities of the policy's posterior at ``canvas``:
     ``log softmax(((1 + w) ℓ_c − w ℓ_u) / τ)`` (:func:`~dflow_trl.sampling.guided_log_probs`). The one
-    definition rollouts sample from and the loss scores with, so the two never disagree."""
-    cond = flow_logits(model, batch, canvas, t=t)
-    uncond = flow_logits(model, batch, canvas, unconditional=True, t=t) if cfg_scale != 0 else None
+    definition rollouts sample from and the loss scores with, so the two never disagree.
+
+    With ``w ≠ 0`` and ``batch_cfg`` the conditional and unconditional passes are one forward of
+    ``2B`` rows (the same logits to float tolerance, half the launches and weight reads); set it
+    False when a ``2B`` forward does not fit."""
+    if cfg_scale == 0:
+        return guided_log_probs(flow_logits(model, batch, canvas, t=t), None, cfg_scale, temperature)
+    if not batch_cfg:
+        cond = flow_logits(model, batch, canvas, t=t)
+        uncond = flow_logits(model, batch, canvas, unconditional=True, t=t)
+        return guided_log_probs(cond, uncond, cfg_scale, temperature)
+    cond, uncond = flow_logits(model, with_unconditional(batch), torch.cat([canvas, canvas]), t=t).chunk(2)
     return guided_log_probs(cond, uncond, cfg_scale, temperature)
+
+
+def with_unconditional(batch: FlowInputs) -> FlowInputs:
+    """``2B`` rows: ``batch`` and then its unconditional inputs (the second half's ``input_ids`` are
+    ``uncond_input_ids``), for one forward of both CFG passes."""
+    if batch.uncond_input_ids is None:
+        raise ValueError(
+            "This model defines no unconditional input; classifier-free guidance is unavailable."
+        )
+    doubled = batch.map(lambda v: torch.cat([v, v]))
+    doubled.input_ids = torch.cat([batch.input_ids, batch.uncond_input_ids])
+    doubled.uncond_input_ids = None
+    return doubled
 
 
 @torch.no_grad()
@@ -67,13 +90,15 @@ def rollout(
     record_greedy: bool = False,
     time_power: float = 1.0,
     record_entropy: bool = False,
+    batch_cfg: bool = True,
 ) -> Trajectory:
     """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
 
     ``chunk_size`` rollouts share one forward pass (all by default). ``branch_steps`` /
     ``group_size``: groups of consecutive rows share their trajectory up to a step and branch
     there (:func:`~dflow_trl.sampling.sample_trajectory`); chunks then hold whole groups.
-    ``time_power``: the grid ``t_k = (k / K)^power`` (:func:`~dflow_trl.sampling.time_grid`)."""
+    ``time_power``: the grid ``t_k = (k / K)^power`` (:func:`~dflow_trl.sampling.time_grid`).
+    ``batch_cfg``: one forward of ``2 · chunk`` rows per CFG step (:func:`flow_log_posterior`)."""
     if cfg_scale != 0 and batch.uncond_input_ids is None:
         raise ValueError("cfg_scale != 0 but the model defines no unconditional input")
     b, d = batch.batch_size, batch.canvas_length
@@ -92,7 +117,9 @@ def rollout(
                 x0,
                 times=time_grid(num_steps, device=device, power=time_power),
                 log_posterior_fn=(
-                    lambda x, t, sub=sub: flow_log_posterior(model, sub, x, t, cfg_scale, temperature)
+                    lambda x, t, sub=sub: flow_log_posterior(
+                        model, sub, x, t, cfg_scale, temperature, batch_cfg
+                    )
                 ),
                 estimator=estimator,
                 generator=generator,
@@ -128,7 +155,14 @@ def generate(
     if seed is not None:
         gen = torch.Generator(device=batch.input_ids.device).manual_seed(seed)
     traj = rollout(
-        model, batch, base.get_probability_path(), num_steps, cfg_scale, temperature, generator=gen,
-        chunk_size=chunk_size, time_power=time_power,
+        model,
+        batch,
+        base.get_probability_path(),
+        num_steps,
+        cfg_scale,
+        temperature,
+        generator=gen,
+        chunk_size=chunk_size,
+        time_power=time_power,
     )
     return traj.final, base.decode_canvas(traj.final, processing_class)

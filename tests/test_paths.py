@@ -102,6 +102,24 @@ def test_metric_rates_move_only_closer_to_x1():
         assert (k[farther & (yy != x)] == 0).all()
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_metric_exit_rate_equals_the_direct_sum_over_the_vocabulary(cached):
+    """The sorted-prefix exit rate equals ``β̇ Σ_y p_t(y | x1) [d(x, x1) - d(y, x1)]_+`` summed
+    directly, with tied distances (every embedding row three times) and one x1 per chunk."""
+    g = torch.Generator().manual_seed(5)
+    path = MetricInducedPath(torch.randn(20, 3, generator=g).repeat(3, 1), chunk_elements=256)
+    if not cached:
+        path.SORT_CACHE_ELEMENTS = 0
+    x, x1 = torch.randint(0, 60, (2, 500), generator=g)
+    x[:50] = x1[:50]
+    for t in (0.05, 0.5, 0.95):
+        rows = path.distance_rows(x1)
+        p = torch.softmax(-path.beta(t) * rows, -1)
+        dx = rows.gather(1, x[:, None])
+        direct = path.beta_dot(t) * (p * (dx - rows).clamp_min(0)).sum(-1)
+        torch.testing.assert_close(path.exit_rate(x, x1, t), direct, rtol=1e-12, atol=1e-12)
+
+
 def test_metric_step_log_prob_at_fudoki_vocab_size():
     """The exact metric step works at V = 16384 for a handful of positions (chunked, bounded memory)."""
     V = 16384

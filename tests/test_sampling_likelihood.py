@@ -156,7 +156,9 @@ def test_coupled_sampler_and_estimator_form_an_exact_importance_sampler(name, nu
         contrib = w * (rec.x_next == v)
         se = contrib.std().item() / math.sqrt(reps)
         assert abs(contrib.mean().item() - target[v].item()) <= 4 * se + 1e-6, (
-            v, contrib.mean().item(), target[v].item()
+            v,
+            contrib.mean().item(),
+            target[v].item(),
         )
 
 
@@ -188,9 +190,7 @@ def test_gradients_flow_to_posterior_logits(estimator, name):
     est = get_estimator(estimator, num_draws=6, top_k=2)
     probs = random_posterior((2, 8), V_SMALL, seed=4, block=getattr(path, "mask_token_id", None)).float()
     x_t = path.sample_source((2, 8), generator=torch.Generator().manual_seed(0))
-    rec = record_step(
-        path, probs, x_t, t, h, torch.Generator().manual_seed(2), est.num_draws, est.head_size
-    )
+    rec = record_step(path, probs, x_t, t, h, torch.Generator().manual_seed(2), est.num_draws, est.head_size)
     logits = probs.log().clamp_min(-30).clone().requires_grad_(True)
     lp = est.step_log_prob(path, rec, torch.log_softmax(logits, -1), t, h)
     assert torch.isfinite(lp).all()
@@ -236,8 +236,17 @@ def test_trajectory_rollout_records_consistent_steps():
         return torch.zeros(*x.shape, V_SMALL)
 
     x0 = path.sample_source((3, 10), generator=g)
-    traj = sample_trajectory(path, logits_fn, x0, num_steps=5, uncond_logits_fn=uncond_fn, cfg_scale=1.5,
-                             temperature=0.8, estimator=TopKEstimator(2, 4), generator=g)
+    traj = sample_trajectory(
+        path,
+        logits_fn,
+        x0,
+        num_steps=5,
+        uncond_logits_fn=uncond_fn,
+        cfg_scale=1.5,
+        temperature=0.8,
+        estimator=TopKEstimator(2, 4),
+        generator=g,
+    )
     assert traj.states.shape == (3, 6, 10) and traj.old_log_prob.shape == (3, 5, 10)
     assert torch.equal(traj.states[:, 0], x0)
     assert torch.equal(traj.states[:, 1], x0), "step 0 of the metric path moves nothing"
@@ -279,6 +288,40 @@ def test_cfg_keeps_ruled_out_tokens_out_on_every_path(name):
         assert (traj.final != banned).all()
 
 
+def test_batched_cfg_forward_equals_two_passes():
+    """CFG's conditional and unconditional rows in one forward give the two-pass posterior, its
+    gradients and the same rollout, to float tolerance, in one model call per step."""
+    from dflow_trl.rollout import flow_log_posterior, rollout
+
+    from .tiny import tiny_model, tiny_tokenizer
+
+    model = tiny_model("metric", time_conditioning=True, condition_pooling="ordered").eval()
+    batch = model.prepare_flow_inputs(["a red square", "a blue circle", "red"], tiny_tokenizer())
+    path = model.get_probability_path()
+    canvas = path.sample_source((3, batch.canvas_length), generator=torch.Generator().manual_seed(0))
+    rows = []
+    model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    posts, grads = [], []
+    for batched in (True, False):
+        model.zero_grad()
+        post = flow_log_posterior(model, batch, canvas, 0.4, 2.0, temperature=0.8, batch_cfg=batched)
+        post.gather(-1, canvas.unsqueeze(-1)).sum().backward()
+        posts.append(post.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert rows == [6, 3, 3]
+    torch.testing.assert_close(posts[0], posts[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+    trajs = [
+        rollout(
+            model, batch, path, 4, cfg_scale=2.0, estimator=get_estimator("top_k", num_draws=3, top_k=2),
+            generator=torch.Generator().manual_seed(1), batch_cfg=batched,
+        )
+        for batched in (True, False)
+    ]  # fmt: skip
+    assert torch.equal(trajs[0].states, trajs[1].states)
+    torch.testing.assert_close(trajs[0].old_log_prob, trajs[1].old_log_prob, rtol=1e-5, atol=1e-5)
+
+
 def test_posterior_only_scores_final_sample_at_source():
     log_post = torch.log_softmax(torch.randn(2, 3, V_SMALL), -1)
     x0 = torch.zeros(2, 3, dtype=torch.long)
@@ -307,7 +350,9 @@ def test_sampler_and_estimator_bad_inputs():
         guided_log_probs(torch.zeros(2, 3), temperature=0)
     with pytest.raises(ValueError, match="increasing"):
         sample_trajectory(
-            path, lambda x, t: torch.zeros(*x.shape, V_SMALL), torch.zeros(1, 2, dtype=torch.long),
+            path,
+            lambda x, t: torch.zeros(*x.shape, V_SMALL),
+            torch.zeros(1, 2, dtype=torch.long),
             times=torch.tensor([0.0, 0.7, 0.5, 1.0]),
         )
 

@@ -10,8 +10,9 @@ The source is uniform (``β_0 = 0``). One step holds the rates at ``t`` constant
 The step that reaches ``t = 1`` takes ``x1`` itself.
 
 λ and the normaliser ``Z(x1) = Σ_y exp(-β_t d(y, x1))`` need a pass over the vocabulary; they
-depend only on ``(x, x1, t)``, so they are computed once per unique pair, ``chunk_elements`` at a
-time, and nothing of size ``(positions, V, V)`` is ever held.
+depend only on ``(x, x1, t)``, so they are computed once per distinct ``x1`` (λ from prefix sums in
+the order of ``d(·, x1)``, kept for vocabularies up to 2048) or, for larger ones, once per unique
+pair, ``chunk_elements`` at a time; nothing of size ``(positions, V, V)`` is ever held.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class MetricInducedPath(ProbabilityPath):
         self.dtype = dtype or (torch.float64 if self.vocab_size <= 4096 else torch.float32)
         self.unit = F.normalize(emb.to(self.dtype), dim=-1)
         self.exact_is_cheap = self.vocab_size <= 512
+        self._sorted: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -84,6 +86,7 @@ class MetricInducedPath(ProbabilityPath):
 
     def to(self, device: torch.device | str) -> MetricInducedPath:
         self.unit = self.unit.to(device)
+        self._sorted = None
         return self
 
     # ---- schedule ---------------------------------------------------------------------------
@@ -122,13 +125,58 @@ class MetricInducedPath(ProbabilityPath):
             out[s : s + step] = torch.logsumexp(-beta * self.distance_rows(uniq[s : s + step]), -1)
         return out[inverse].view(x1.shape)
 
+    # The order of d(·, x1) does not depend on t: up to this many (V·V) entries it is sorted once
+    # and kept (16 bytes an entry: 16 MB at V = 1024). Larger vocabularies take the direct sum,
+    # since sorting afresh costs more than the few pairs a rollout step asks per distinct x1.
+    SORT_CACHE_ELEMENTS = 1 << 22
+
+    def _sorted_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(V, V)``: row ``x1`` holds ``d(·, x1)`` sorted ascending, and every token's rank in it."""
+        if self._sorted is None or self._sorted[0].device != device:
+            self._sorted = None  # free the old device's copy first
+            d_sorted, order = self.distance_rows(torch.arange(self.vocab_size, device=device)).sort(dim=-1)
+            ranks = torch.arange(self.vocab_size, device=device).expand_as(order)
+            self._sorted = d_sorted, torch.empty_like(order).scatter_(-1, order, ranks)
+        return self._sorted
+
     def exit_rate(self, x: torch.Tensor, x1: torch.Tensor, t: float) -> torch.Tensor:
-        """``λ(x, x1)`` elementwise, computed once per unique ``(x, x1)`` pair."""
+        """``λ(x, x1)`` elementwise.
+
+        Up to ``SORT_CACHE_ELEMENTS``: ``λ(x, x1) = β̇ (d_x M - S)`` with ``M``, ``S`` the mass and
+        first moment of ``p_t(· | x1)`` on the tokens closer to ``x1`` than ``x`` (``d_x = d(x, x1)``),
+        prefix sums in the cached order of ``d(·, x1)``: one V-sized pass per distinct ``x1``, where a
+        rollout step asks for tens of ``(x, x1)`` pairs per position. Beyond it, a V-sized pass per
+        unique pair."""
         shape = x.shape
         x, x1 = x.reshape(-1), x1.reshape(-1)
         beta, bdot = self.beta(t), self.beta_dot(t)
         if bdot == 0 or x.numel() == 0:
             return torch.zeros(shape, dtype=self.dtype, device=x.device)
+        if self.vocab_size**2 > self.SORT_CACHE_ELEMENTS:
+            return self._exit_rate_direct(x, x1, beta, bdot).view(shape)
+        d_table, rank_table = self._sorted_table(x.device)
+        uniq, inverse = torch.unique(x1, return_inverse=True)
+        by_x1 = torch.argsort(inverse)
+        lam = torch.empty(x.numel(), dtype=self.dtype, device=x.device)
+        # About six (chunk, V) temporaries live at once.
+        step = self._chunk(6 * self.vocab_size)
+        starts = torch.arange(0, uniq.numel() + step, step, device=x.device)
+        bounds = torch.searchsorted(inverse[by_x1], starts).tolist()
+        for i, s in enumerate(range(0, uniq.numel(), step)):
+            d_sorted = d_table[uniq[s : s + step]]
+            p_sorted = torch.softmax(-beta * d_sorted, dim=-1)
+            # Exclusive prefix sums: what lies strictly before each token in the sorted order. Tokens
+            # tied with x that sort before it add p (d_x - d_x) = 0, as in the direct sum.
+            mass = F.pad(p_sorted.cumsum(-1), (1, 0))
+            moment = F.pad((p_sorted * d_sorted).cumsum(-1), (1, 0))
+            pairs = by_x1[bounds[i] : bounds[i + 1]]
+            r = inverse[pairs] - s
+            pos = rank_table[uniq[s : s + step][r], x[pairs]]
+            dx = d_sorted[r, pos]
+            lam[pairs] = bdot * (dx * mass[r, pos] - moment[r, pos]).clamp_min(0)
+        return lam.view(shape)
+
+    def _exit_rate_direct(self, x: torch.Tensor, x1: torch.Tensor, beta: float, bdot: float) -> torch.Tensor:
         keys, inverse = torch.unique(x * self.vocab_size + x1, return_inverse=True)
         ux, ux1 = keys // self.vocab_size, keys % self.vocab_size
         lam = torch.empty(keys.numel(), dtype=self.dtype, device=x.device)
@@ -138,7 +186,7 @@ class MetricInducedPath(ProbabilityPath):
             p = torch.softmax(-beta * rows, dim=-1)
             dx = rows.gather(1, ux[s : s + step, None])
             lam[s : s + step] = bdot * (p * (dx - rows).clamp_min(0)).sum(-1)
-        return lam[inverse].view(shape)
+        return lam[inverse]
 
     # ---- path -------------------------------------------------------------------------------
     def sample_source(self, shape, generator=None, device=None):
@@ -158,9 +206,9 @@ class MetricInducedPath(ProbabilityPath):
             logits = torch.where(
                 torch.isinf(beta)[:, None], torch.where(rows == 0, 0.0, -math.inf), -beta[:, None] * rows
             )
-            out[s : s + step] = torch.multinomial(
-                torch.softmax(logits, -1), 1, generator=generator
-            ).squeeze(-1)
+            out[s : s + step] = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(
+                -1
+            )
         return out.view(x1.shape)
 
     def _step_scalars(self, t, h, like) -> tuple[float, float, bool]:
