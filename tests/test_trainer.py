@@ -431,11 +431,8 @@ def test_time_conditioned_model_gets_the_step_time(tmp_path):
     assert logs[0]["flow/abs_log_ratio/step_1"] < 1e-5  # rollout and scoring agree on t
 
 
-@pytest.mark.parametrize("path", ["mask", "uniform", "metric"])
-def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
-    trainer = make_trainer(
-        tmp_path, path, estimator="top_k", rollout_branching=True, per_device_train_batch_size=8
-    )
+def _record_flow_batches(trainer) -> list[dict]:
+    """The list each rollout batch's ``FlowBatch.to_dict()`` is appended to as ``trainer`` trains."""
     seen = []
     original = trainer._generate
 
@@ -445,6 +442,15 @@ def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
         return out
 
     trainer._generate = spy
+    return seen
+
+
+@pytest.mark.parametrize("path", ["mask", "uniform", "metric"])
+def test_branched_rollouts_train_one_shared_step_per_group(tmp_path, path):
+    trainer = make_trainer(
+        tmp_path, path, estimator="top_k", rollout_branching=True, per_device_train_batch_size=8
+    )
+    seen = _record_flow_batches(trainer)
     before = _params(trainer.model)
     trainer.train()
     assert trainer.max_completion_length == 1
@@ -464,15 +470,7 @@ def test_shared_source_groups_share_x0_and_train_every_step(tmp_path, path):
     trainer = make_trainer(
         tmp_path, path, estimator="top_k", shared_source=True, per_device_train_batch_size=8
     )
-    seen = []
-    original = trainer._generate
-
-    def spy(prompts):
-        out = original(prompts)
-        seen.append(trainer._flow_batch.to_dict())
-        return out
-
-    trainer._generate = spy
+    seen = _record_flow_batches(trainer)
     trainer.train()
     trained = trainer._trainable_steps(4)
     assert trainer.max_completion_length == len(trained)

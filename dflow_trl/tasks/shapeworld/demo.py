@@ -44,7 +44,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         estimator="top_k",
         rollout_branching=False,
         # One x_0 per group: x_0 decides about a third of the reward's variance here, and removing it
-        # from the advantage raised the 18-step gain from +0.026 to +0.045 on seeds 0, 1, 2
+        # from the advantage raised the 18-step gain from +0.026 to +0.044 on seeds 0, 1, 2
         # (benchmarks/README.md); unbiased and free.
         shared_source=True,
         step_baseline="none",
