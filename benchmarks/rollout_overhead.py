@@ -71,7 +71,7 @@ def timers(
 ) -> tuple[Callable[[], float], Callable[[], float]]:
     """``(rollout_seconds, floor_seconds)``: one timed rollout, and K (or 2K) bare forwards on that
     rollout's own canvases."""
-    from dflow_trl.rollout import flow_logits, rollout, with_unconditional
+    from dflow_trl.rollout import flow_logits, rollout
 
     states: list[torch.Tensor] = []
 
@@ -89,7 +89,7 @@ def timers(
         if not states:
             run_rollout()
         canvases, times = states
-        both = with_unconditional(batch) if cfg != 0 and batched else None
+        both = batch.with_unconditional_rows() if cfg != 0 and batched else None
         with torch.no_grad():
             t0 = time.perf_counter()
             for k in range(steps):

@@ -57,21 +57,9 @@ def flow_log_posterior(
         cond = flow_logits(model, batch, canvas, t=t)
         uncond = flow_logits(model, batch, canvas, unconditional=True, t=t)
         return guided_log_probs(cond, uncond, cfg_scale, temperature)
-    cond, uncond = flow_logits(model, with_unconditional(batch), torch.cat([canvas, canvas]), t=t).chunk(2)
+    both = flow_logits(model, batch.with_unconditional_rows(), torch.cat([canvas, canvas]), t=t)
+    cond, uncond = both.chunk(2)
     return guided_log_probs(cond, uncond, cfg_scale, temperature)
-
-
-def with_unconditional(batch: FlowInputs) -> FlowInputs:
-    """``2B`` rows: ``batch`` and then its unconditional inputs (the second half's ``input_ids`` are
-    ``uncond_input_ids``), for one forward of both CFG passes."""
-    if batch.uncond_input_ids is None:
-        raise ValueError(
-            "This model defines no unconditional input; classifier-free guidance is unavailable."
-        )
-    doubled = batch.map(lambda v: torch.cat([v, v]))
-    doubled.input_ids = torch.cat([batch.input_ids, batch.uncond_input_ids])
-    doubled.uncond_input_ids = None
-    return doubled
 
 
 @torch.no_grad()

@@ -57,14 +57,25 @@ class FlowInputs:
 
     def with_canvas(self, canvas: torch.LongTensor, unconditional: bool = False) -> torch.LongTensor:
         """``input_ids`` (or ``uncond_input_ids``) with the canvas positions set to ``canvas``."""
-        base = self.uncond_input_ids if unconditional else self.input_ids
-        if base is None:
-            raise ValueError(
-                "This model defines no unconditional input; classifier-free guidance is unavailable."
-            )
+        base = self._unconditional_ids() if unconditional else self.input_ids
         ids = base.clone()
         ids[self.canvas_mask] = canvas.reshape(-1).to(ids.dtype)
         return ids
+
+    def with_unconditional_rows(self) -> FlowInputs:
+        """``2B`` rows: these inputs, then their unconditional version (``input_ids`` replaced by
+        ``uncond_input_ids``), so both classifier-free-guidance passes run as one forward."""
+        doubled = self.map(lambda v: torch.cat([v, v]))
+        doubled.input_ids = torch.cat([self.input_ids, self._unconditional_ids()])
+        doubled.uncond_input_ids = None
+        return doubled
+
+    def _unconditional_ids(self) -> torch.LongTensor:
+        if self.uncond_input_ids is None:
+            raise ValueError(
+                "This model defines no unconditional input; classifier-free guidance is unavailable."
+            )
+        return self.uncond_input_ids
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FlowInputs:
         """The same inputs with ``fn`` applied to every tensor (``None`` stays ``None``)."""

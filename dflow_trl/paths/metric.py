@@ -171,7 +171,7 @@ class MetricInducedPath(ProbabilityPath):
             moment = F.pad((p_sorted * d_sorted).cumsum(-1), (1, 0))
             pairs = by_x1[bounds[i] : bounds[i + 1]]
             r = inverse[pairs] - s
-            pos = rank_table[uniq[s : s + step][r], x[pairs]]
+            pos = rank_table[x1[pairs], x[pairs]]
             dx = d_sorted[r, pos]
             lam[pairs] = bdot * (dx * mass[r, pos] - moment[r, pos]).clamp_min(0)
         return lam.view(shape)
@@ -206,9 +206,8 @@ class MetricInducedPath(ProbabilityPath):
             logits = torch.where(
                 torch.isinf(beta)[:, None], torch.where(rows == 0, 0.0, -math.inf), -beta[:, None] * rows
             )
-            out[s : s + step] = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(
-                -1
-            )
+            draws = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            out[s : s + step] = draws.squeeze(-1)
         return out.view(x1.shape)
 
     def _step_scalars(self, t, h, like) -> tuple[float, float, bool]:
