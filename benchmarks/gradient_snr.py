@@ -14,8 +14,9 @@ more steps (or larger batches) before the reward moves.
 A method is an estimator name, optionally with ``+branch`` (``rollout_branching``: one trained step
 per rollout, step-level credit) and/or ``+greedy`` (``step_baseline="greedy"``: step k's advantage
 takes the reward of the posterior's prediction at x_k as its baseline) or ``+td`` (the same values
-as TD(0) credit, ``step_baseline_lambda=0``: biased) or ``+shared`` (``shared_source``: each group
-starts from one x_0). ``seconds`` is the wall
+as TD(0) credit, ``step_baseline_lambda=0``: biased) or ``+rollouts`` (``step_baseline="rollouts"``:
+the baseline is the mean reward of ``--baseline-rollouts`` fresh continuations of x_k) and/or
+``+shared`` (``shared_source``: each group starts from one x_0). ``seconds`` is the wall
 time of the setting's R gradients, so ρ per second compares methods of different cost.
 
     python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only \\
@@ -43,11 +44,14 @@ def batch_gradients(
     """``(R, P)`` gradients of R independent batches (each ``accumulate`` × ``--batch`` rollouts), their
     mean rewards, and per step the share of the advantage's variance a step baseline removed."""
     estimator, *variants = method.split("+")
-    if not set(variants) <= {"branch", "greedy", "td", "shared"}:
+    if not set(variants) <= {"branch", "greedy", "td", "rollouts", "shared"}:
         raise SystemExit(
-            f"unknown method {method!r}: use an estimator name, NAME+branch, NAME+greedy, NAME+td "
-            "or NAME+shared"
+            f"unknown method {method!r}: use an estimator name, NAME+branch, NAME+greedy, NAME+td, "
+            "NAME+rollouts or NAME+shared"
         )
+    baseline = "greedy" if {"greedy", "td"} & set(variants) else "none"
+    if "rollouts" in variants:
+        baseline = "rollouts"
     from datasets import Dataset
 
     from dflow_trl.rewards import get_reward_function
@@ -70,7 +74,8 @@ def batch_gradients(
         include_last_step=True,
         rollout_branching="branch" in variants,
         shared_source="shared" in variants,
-        step_baseline="greedy" if {"greedy", "td"} & set(variants) else "none",
+        step_baseline=baseline,
+        step_baseline_rollouts=args.baseline_rollouts,
         step_baseline_lambda=0.0 if "td" in variants else 1.0,
         flow_time_power=args.time_power,
         report_to="none",
@@ -117,6 +122,7 @@ def main() -> None:
         default=["a photo of a square left of a circle", "a photo of a blue square and a red cross"],
     )
     ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--baseline-rollouts", type=int, default=2, help="continuations per step of +rollouts")
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--num-flow-steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=4, help="independent gradients per setting (R)")

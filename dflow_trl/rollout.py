@@ -79,6 +79,7 @@ def rollout(
     time_power: float = 1.0,
     record_entropy: bool = False,
     batch_cfg: bool = True,
+    start: tuple[int, torch.LongTensor] | None = None,
 ) -> Trajectory:
     """Sample ``x_0 ~ p_0`` and roll it to ``t = 1``, recording what ``estimator`` needs.
 
@@ -86,7 +87,9 @@ def rollout(
     ``group_size``: groups of consecutive rows share their trajectory up to a step and branch
     there (:func:`~dflow_trl.sampling.sample_trajectory`); chunks then hold whole groups.
     ``time_power``: the grid ``t_k = (k / K)^power`` (:func:`~dflow_trl.sampling.time_grid`).
-    ``batch_cfg``: one forward of ``2 · chunk`` rows per CFG step (:func:`flow_log_posterior`)."""
+    ``batch_cfg``: one forward of ``2 · chunk`` rows per CFG step (:func:`flow_log_posterior`).
+    ``start = (k, x_k)``: continue the recorded states ``x_k`` (``(B, D)``) from ``t_k`` instead of
+    drawing ``x_0``; the trajectory then holds steps ``k .. K − 1`` only."""
     if cfg_scale != 0 and batch.uncond_input_ids is None:
         raise ValueError("cfg_scale != 0 but the model defines no unconditional input")
     b, d = batch.batch_size, batch.canvas_length
@@ -94,16 +97,28 @@ def rollout(
     chunk = chunk_size or b
     if branch_steps is not None and chunk % group_size:
         chunk = max(group_size, chunk // group_size * group_size)
+    times = time_grid(num_steps, device=device, power=time_power)
+    if start is not None:
+        first, states = start
+        if not 0 <= first < num_steps or tuple(states.shape) != (b, d):
+            raise ValueError(
+                f"start must be (k, x_k) with 0 <= k < {num_steps} and x_k of shape {(b, d)}, "
+                f"got k = {first} and {tuple(states.shape)}"
+            )
+        times = times[first:]
     parts = []
     for s in range(0, b, chunk):
         sub = batch.index(slice(s, s + chunk))
-        x0 = path.sample_source((sub.batch_size, d), generator=generator, device=device)
+        if start is None:
+            x0 = path.sample_source((sub.batch_size, d), generator=generator, device=device)
+        else:
+            x0 = start[1][s : s + chunk]
         parts.append(
             sample_trajectory(
                 path,
                 None,
                 x0,
-                times=time_grid(num_steps, device=device, power=time_power),
+                times=times,
                 log_posterior_fn=(
                     lambda x, t, sub=sub: flow_log_posterior(
                         model, sub, x, t, cfg_scale, temperature, batch_cfg

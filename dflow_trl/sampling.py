@@ -161,7 +161,10 @@ def sample_trajectory(
     record_entropy: bool = False,
     log_posterior_fn: LogitsFn | None = None,
 ) -> Trajectory:
-    """Roll ``x0`` (``(B, D)``) from ``t = 0`` to ``t = 1`` with the Euler-jump sampler.
+    """Roll ``x0`` (``(B, D)``) from ``t = times[0]`` to ``t = 1`` with the Euler-jump sampler.
+
+    ``x0`` is the state at ``times[0]``: ``x_0 ~ p_0`` for a grid from 0, or a recorded ``x_k`` for
+    the tail ``times[k:]`` of one (a continuation, as ``step_baseline="rollouts"`` draws).
 
     ``logits_fn(x_t, t)`` returns ``(B, D, V)`` posterior logits for the canvas; with ``cfg_scale``
     ``w ≠ 0`` the posterior is ``softmax(((1 + w) ℓ_c - w ℓ_u) / τ)``. ``log_posterior_fn(x_t, t)``
@@ -181,8 +184,8 @@ def sample_trajectory(
     if times is None:
         times = time_grid(num_steps if num_steps is not None else 8, device=x0.device)
     times = torch.as_tensor(times, dtype=torch.float64, device=x0.device)
-    if times.ndim != 1 or times.numel() < 2 or float(times[0]) != 0.0 or abs(float(times[-1]) - 1.0) > 1e-9:
-        raise ValueError("times must be an increasing 1-D grid from 0 to 1")
+    if times.ndim != 1 or times.numel() < 2 or float(times[0]) < 0.0 or abs(float(times[-1]) - 1.0) > 1e-9:
+        raise ValueError("times must be an increasing 1-D grid from t >= 0 to 1")
     if not bool((times[1:] > times[:-1]).all()):
         raise ValueError("times must be strictly increasing")
     if (logits_fn is None) == (log_posterior_fn is None):

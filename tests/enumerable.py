@@ -93,13 +93,29 @@ def brute_force_value_and_grad(
 
     ``π_θ(y | x) = Π_d Σ_{x1} softmax(θ[x, d])_{x1} K_{h_k}(x^d → y^d | x1)`` per step (docs/method.md §2),
     with the uniform source ``p(x_0) = V^{-D}``."""
-    path, v, d = model.path, model.config.vocab, model.config.canvas
-    if getattr(path, "source", "uniform") != "uniform":
+    if getattr(model.path, "source", "uniform") != "uniform":
         raise ValueError("the brute force assumes a uniform source")
+    theta = model.logits.detach().clone().requires_grad_(True)
+    steps = step_matrices(model, num_steps, time_power, theta)
+    n = steps[0].shape[0]
+    traj = torch.tensor(list(itertools.product(range(n), repeat=num_steps + 1)), dtype=torch.long)
+    prob = torch.full((traj.shape[0],), 1.0 / n, dtype=torch.float64)
+    for k, pi in enumerate(steps):
+        prob = prob * pi[traj[:, k], traj[:, k + 1]]
+    value = (prob * reward.detach().double()[traj[:, -1]]).sum()
+    (grad,) = torch.autograd.grad(value, theta)
+    return float(value.detach()), grad
+
+
+def step_matrices(
+    model: TableDFM, num_steps: int, time_power: float = 1.0, theta: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """``π_θ(x_{k+1} = s' | x_k = s)`` as one ``(S, S)`` matrix per step (differentiable in ``theta``,
+    the model's table by default)."""
+    path, v, d = model.path, model.config.vocab, model.config.canvas
     states = all_states(v, d)
     n = states.shape[0]
-    theta = model.logits.detach().clone().requires_grad_(True)
-    post = torch.softmax(theta, -1)  # (S, D, V)
+    post = torch.softmax(model.logits.detach() if theta is None else theta, -1)  # (S, D, V)
     steps = []
     for k in range(num_steps):
         t, t_next = (k / num_steps) ** time_power, ((k + 1) / num_steps) ** time_power
@@ -113,10 +129,4 @@ def brute_force_value_and_grad(
         for pos in range(d):
             pi = pi * per_pos[:, pos, states[:, pos]]
         steps.append(pi)  # (S, S'): π_θ(x_{k+1} = s' | x_k = s)
-    traj = torch.tensor(list(itertools.product(range(n), repeat=num_steps + 1)), dtype=torch.long)
-    prob = torch.full((traj.shape[0],), 1.0 / n, dtype=torch.float64)
-    for k, pi in enumerate(steps):
-        prob = prob * pi[traj[:, k], traj[:, k + 1]]
-    value = (prob * reward.detach().double()[traj[:, -1]]).sum()
-    (grad,) = torch.autograd.grad(value, theta)
-    return float(value.detach()), grad
+    return steps

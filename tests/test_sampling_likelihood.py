@@ -368,3 +368,35 @@ def test_time_grid_power_concentrates_steps_near_the_source():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="power must be > 0"):
             time_grid(4, power=bad)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "metric"])
+def test_a_continuation_from_x_k_samples_the_remaining_steps_law(kind):
+    """``rollout(start=(k, x_k))`` (what ``step_baseline="rollouts"`` draws): from a fixed ``x_k`` the
+    final canvases' frequencies match ``Π_{l ≥ k} π_θ(x_{l+1} | x_l)`` summed by brute force (χ²)."""
+    from dflow_trl.paths import MetricInducedPath
+    from dflow_trl.rollout import rollout
+
+    from .enumerable import TableDFM, TableDFMConfig, step_matrices
+
+    torch.manual_seed(0)
+    path = MixturePath(3, source="uniform")
+    if kind == "metric":
+        path = MetricInducedPath(torch.randn(3, 2, generator=torch.Generator().manual_seed(2)), c=3.0, a=0.9)
+    model = TableDFM(TableDFMConfig(3, 2), path=path)
+    k, num_steps, n = 1, 3, 12000
+    law = torch.eye(9, dtype=torch.float64)[4]  # x_k = (1, 1)
+    for pi in step_matrices(model, num_steps)[k:]:
+        law = law @ pi
+    batch = model.prepare_flow_inputs(["a"] * n)
+    start = torch.ones(n, 2, dtype=torch.long)
+    traj = rollout(
+        model, batch, path, num_steps, start=(k, start), generator=torch.Generator().manual_seed(3)
+    )
+    assert traj.num_steps == num_steps - k and torch.equal(traj.states[:, 0], start)
+    counts = torch.bincount(model.state_index(traj.final), minlength=9).double()
+    keep = law > 0
+    assert counts[~keep].sum() == 0
+    assert chisquare(counts[keep], law[keep] / law[keep].sum() * n).pvalue > 1e-3
+    with pytest.raises(ValueError, match="start must be"):
+        rollout(model, batch, path, num_steps, start=(num_steps, start))

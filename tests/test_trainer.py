@@ -555,6 +555,44 @@ def test_greedy_step_baseline_gives_each_step_its_own_advantage(tmp_path, scale)
     assert greedy.shape == (8, 4, rows.trajectory.states.shape[-1])
 
 
+def test_rollout_step_baseline_values_are_mean_rewards_of_continuations_of_x_k(tmp_path, monkeypatch):
+    """``step_baseline="rollouts"``: for each trained step k the trainer continues every rollout's
+    recorded x_k M times from t_k, and b_k is the mean reward of those continuations' canvases;
+    step k's advantage is TRL's minus ``(b_k − mean_G b_k) / σ`` (``c_k = 1`` on the first batch)."""
+    import dflow_trl.trainer.dflow_grpo_trainer as module
+
+    m, calls, original = 3, [], module.rollout
+
+    def spy(model, batch, path, num_steps, **kw):
+        traj = original(model, batch, path, num_steps, **kw)
+        if kw.get("start") is not None:
+            calls.append((kw["start"][0], kw["start"][1].clone(), traj))
+        return traj
+
+    monkeypatch.setattr(module, "rollout", spy)
+    trainer = make_trainer(
+        tmp_path,
+        estimator="top_k",
+        step_baseline="rollouts",
+        step_baseline_rollouts=m,
+        scale_rewards="batch",
+        per_device_train_batch_size=8,
+        max_steps=1,
+    )
+    rows, trl_adv, adv = _first_step_advantages(trainer)
+    states, steps = rows.trajectory.states, rows.step_index[0].tolist()
+    assert [k for k, _, _ in calls] == steps
+    rewards = torch.tensor(count_reward(None, None, states[:, -1].tolist()))
+    sigma = rewards.std() + 1e-4
+    for j, (k, start, traj) in enumerate(calls):
+        assert torch.equal(start, states[:, k].repeat_interleave(m, dim=0))
+        assert traj.num_steps == states.shape[1] - 1 - k and torch.equal(traj.states[:, 0], start)
+        b = torch.tensor(count_reward(None, None, traj.final.tolist())).view(8, m).mean(1)
+        shift = (b - b.view(-1, 4).mean(1).repeat_interleave(4)) / sigma
+        torch.testing.assert_close(adv[:, j], trl_adv - shift, atol=1e-5, rtol=1e-4)
+    assert rows.trajectory.greedy is None  # the argmax canvases are only recorded for "greedy"
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5])
 def test_td_lambda_credits_each_step_with_the_change_of_the_greedy_values(tmp_path, lam):
     """``step_baseline_lambda``: with ``v_k = (b_k − mean_G b_k) / σ`` (``c_k = 1`` on the first batch)
@@ -593,6 +631,10 @@ def test_step_baseline_rejects_what_it_cannot_use(tmp_path):
         make_args(tmp_path, step_baseline="greedy", step_baseline_lambda=1.5)
     with pytest.raises(ValueError, match="set step_baseline='greedy'"):
         make_args(tmp_path, step_baseline_lambda=0.5)
+    with pytest.raises(ValueError, match="set step_baseline='greedy'"):
+        make_args(tmp_path, step_baseline="rollouts", step_baseline_lambda=0.5)
+    with pytest.raises(ValueError, match="step_baseline_rollouts must be >= 1"):
+        make_args(tmp_path, step_baseline="rollouts", step_baseline_rollouts=0)
 
 
 def test_registry_names_and_import_paths_resolve_in_python(tmp_path):

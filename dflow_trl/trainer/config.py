@@ -8,6 +8,8 @@ from trl import GRPOConfig
 
 from ..likelihood import ESTIMATOR_CLASSES, ESTIMATORS
 
+STEP_BASELINES = ("none", "greedy", "rollouts")
+
 
 @dataclass
 class DFlowGRPOConfig(GRPOConfig):
@@ -57,7 +59,16 @@ class DFlowGRPOConfig(GRPOConfig):
             earlier batches only. ``b_k`` is a function of ``x_k`` (and of the group's other
             rollouts), never of ``x_{k+1}``, so the policy gradient stays unbiased; late steps,
             whose prediction is close to the outcome, lose most of the noise that the outcome's
-            other causes put on them. Costs one reward call per trained step.
+            other causes put on them. Costs one reward call per trained step. ``"rollouts"``: the
+            same with ``b_k`` the mean reward of ``step_baseline_rollouts`` fresh continuations of
+            ``x_k`` to ``t = 1`` (a Monte Carlo value of ``x_k``, as VinePPO estimates values for
+            LLM steps). The continuations are independent of the rollout's own ``x_{k+1}`` given
+            ``x_k``, so the gradient stays unbiased; unlike the prediction's reward, ``b_k`` aims
+            at ``E[R | x_k]`` itself. Costs ``step_baseline_rollouts`` partial rollouts and reward
+            calls per rollout and trained step (about ``M (K + 1) / 2`` times the rollout's
+            forwards when every step is trained).
+        step_baseline_rollouts: continuations per rollout and trained step (``M``) of
+            ``step_baseline="rollouts"``.
         step_baseline_lambda: λ of a TD(λ) advantage on the greedy values (needs ``step_baseline=
             "greedy"``). With ``v_k = c_k (b_k − mean_G b_k) / σ`` and ``v_K`` the GRPO advantage,
             step k gets ``Σ_{l ≥ k} λ^{l−k} (v_{l+1} − v_l)``. ``1`` (default) is ``v_K − v_k``, the
@@ -140,8 +151,17 @@ class DFlowGRPOConfig(GRPOConfig):
     )
     step_baseline: str = field(
         default="none",
-        metadata={"help": "Per-step advantage baseline: none, or greedy (reward of the posterior's argmax).",
-                  "choices": ["none", "greedy"]},
+        metadata={
+            "help": (
+                "Per-step advantage baseline: none, greedy (reward of the posterior's argmax) or "
+                "rollouts (mean reward of fresh continuations of x_k)."
+            ),
+            "choices": list(STEP_BASELINES),
+        },
+    )
+    step_baseline_rollouts: int = field(
+        default=2,
+        metadata={"help": "Continuations per rollout and trained step of step_baseline='rollouts'."},
     )
     step_baseline_lambda: float = field(
         default=1.0,
@@ -202,8 +222,12 @@ class DFlowGRPOConfig(GRPOConfig):
             errors.append(f"train_steps must be 'moving' or 'all', got {self.train_steps!r}")
         if self.step_aggregation not in ("mean", "sum"):
             errors.append(f"step_aggregation must be 'mean' or 'sum', got {self.step_aggregation!r}")
-        if self.step_baseline not in ("none", "greedy"):
-            errors.append(f"step_baseline must be 'none' or 'greedy', got {self.step_baseline!r}")
+        if self.step_baseline not in STEP_BASELINES:
+            errors.append(
+                f"step_baseline must be one of {', '.join(STEP_BASELINES)}, got {self.step_baseline!r}"
+            )
+        if self.step_baseline_rollouts < 1:
+            errors.append(f"step_baseline_rollouts must be >= 1, got {self.step_baseline_rollouts}")
         per_step = self.estimator not in ESTIMATOR_CLASSES or ESTIMATOR_CLASSES[self.estimator].per_step
         if self.step_baseline != "none" and not per_step:
             errors.append(

@@ -294,7 +294,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 chunk_size=args.rollout_batch_size or args.per_device_train_batch_size,
                 branch_steps=branch,
                 group_size=self.num_generations,
-                record_greedy=args.step_baseline != "none" and mode == "train",
+                record_greedy=args.step_baseline == "greedy" and mode == "train",
                 time_power=args.flow_time_power,
                 # The logs' entropy of rollouts the loss does not re-score (skip_zero_advantage).
                 record_entropy=args.skip_zero_advantage and mode == "train",
@@ -374,13 +374,14 @@ class DFlowGRPOTrainer(GRPOTrainer):
 
     def _step_advantages(self, inputs: list[dict[str, Any]], advantages: torch.Tensor) -> torch.Tensor:
         """``(B, T)`` advantages: TRL's ``(R − μ_G) / σ`` minus, for step ``k``, ``(b_k − mean_G b_k) / σ``
-        with ``b_k`` the reward of ``Trajectory.greedy[:, k]`` (``DFlowGRPOConfig.step_baseline``), or
-        with ``step_baseline_lambda < 1`` the TD(λ) sum of those values' differences (:func:`_td_lambda`).
+        with ``b_k`` the reward of ``Trajectory.greedy[:, k]`` or the mean reward of fresh
+        continuations of ``x_k`` (``DFlowGRPOConfig.step_baseline``, :meth:`_step_values`), or with
+        ``step_baseline_lambda < 1`` the TD(λ) sum of those values' differences (:func:`_td_lambda`).
 
         σ is recomputed from TRL's rewards and checked against TRL's advantages, so a change of
         TRL's normalisation fails here instead of silently mixing two scales."""
         flow, g = self._flow_batch, self.num_generations
-        step_index, greedy = flow.step_index, flow.trajectory.greedy
+        step_index = flow.step_index
         prompts = [r["prompt"] for r in inputs]
         rewards = self._summed(flow.rewards)
         spread = torch.ones_like(rewards)
@@ -401,15 +402,13 @@ class DFlowGRPOTrainer(GRPOTrainer):
         # Where TRL's σ is 0 the group carries no reward signal and TRL trains nothing on it; a baseline
         # shift divided by σ + 1e-4 would only add (huge) zero-mean noise there.
         silent = torch.isclose(spread, torch.zeros_like(spread)) | torch.isnan(rewards)
-        flow_model = self._flow_model()
         lam = self.args.step_baseline_lambda
+        num_steps = flow.trajectory.num_steps
         # TD(λ) needs the values of every step after the first trained one; λ = 1 only the trained ones.
-        steps = range(int(step_index.min()), greedy.shape[1]) if lam < 1 else step_index.unique().tolist()
+        steps = range(int(step_index.min()), num_steps) if lam < 1 else step_index.unique().tolist()
         values: dict[int, torch.Tensor] = {}
         for k in steps:
-            canvas = greedy[:, k]
-            completions = flow_model.decode_canvas(canvas, self.processing_class)
-            base = self._summed(super()._calculate_rewards(inputs, prompts, completions, canvas.tolist()))
+            base = self._step_values(inputs, k)
             centred = base - torch.nanmean(base.view(-1, g), dim=1).repeat_interleave(g)
             shift = (centred / sigma).nan_to_num(0.0).masked_fill(silent, 0.0)
             coef = self._baseline_coef(k, full, shift)
@@ -423,10 +422,48 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 )
         out = torch.empty(step_index.shape, device=advantages.device)
         for k in step_index.unique().tolist():
-            credit = _td_lambda(values, full, k, greedy.shape[1], lam)
+            credit = _td_lambda(values, full, k, num_steps, lam)
             hit = step_index == k
             out[hit] = credit[local].unsqueeze(1).expand_as(out)[hit]
         return out
+
+    def _step_values(self, inputs: list[dict[str, Any]], k: int) -> torch.Tensor:
+        """``b_k`` for every rollout of the gathered batch (``(P · B,)``, NaN where no reward function
+        scored): the reward of the posterior's argmax at ``x_k`` (``"greedy"``), or the mean reward
+        of ``M = step_baseline_rollouts`` continuations of ``x_k`` drawn afresh from ``t_k``
+        (``"rollouts"``), which are independent of the rollout's own ``x_{k+1}`` given ``x_k``."""
+        flow, args = self._flow_batch, self.args
+        flow_model = self._flow_model()
+        if args.step_baseline == "greedy":
+            rows, canvas = list(range(len(inputs))), flow.trajectory.greedy[:, k]
+        else:
+            m = args.step_baseline_rollouts
+            rows = [i for i in range(len(inputs)) for _ in range(m)]
+            index = torch.tensor(rows, device=flow.trajectory.states.device)
+            with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=args.ds3_gather_for_generation
+            ) as unwrapped:
+                canvas = rollout(
+                    unwrapped,
+                    flow.inputs.index(index),
+                    self.flow_path,
+                    flow.trajectory.num_steps,
+                    cfg_scale=flow.cfg_scale,
+                    temperature=args.flow_temperature,
+                    chunk_size=args.rollout_batch_size or args.per_device_train_batch_size,
+                    time_power=args.flow_time_power,
+                    start=(k, flow.trajectory.states[index, k]),
+                ).final
+        completions = flow_model.decode_canvas(canvas, self.processing_class)
+        picked = [inputs[i] for i in rows]
+        scored = super()._calculate_rewards(
+            picked, [r["prompt"] for r in picked], completions, canvas.tolist()
+        )
+        values = self._summed(scored)
+        if args.step_baseline == "rollouts":
+            # Gathered rows are process-major, each process's M continuations of a rollout adjacent.
+            values = values.view(-1, args.step_baseline_rollouts).nanmean(dim=1)
+        return values
 
     # ---- log-probabilities ------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
