@@ -21,6 +21,14 @@ time of the setting's R gradients, so ρ per second compares methods of differen
 
     python benchmarks/gradient_snr.py --estimators top_k top_k+greedy top_k+branch posterior_only \\
         --json out.json
+
+Where do two methods' gradients point? For each prompt the script also reports, for every pair of
+methods, the cosine between their mean gradients (over all R batches), and that cosine divided by
+``c_a c_b`` with ``c = sqrt(n ρ / (1 + n ρ))`` (n = R × rollouts per gradient), the cosine a mean of
+n rollouts is expected to have with its own expectation: an estimate of the cosine between the two
+methods' expected gradients. An unbiased method's expected gradient is ∇E[R], so for a pair of an
+unbiased method and a biased one this is the biased gradient's alignment with ∇E[R] (noisy where
+``c`` is small; ``null`` where a ρ is 0).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -113,6 +122,23 @@ def mean_pairwise_cosine(grads: torch.Tensor) -> float:
     return sum(cos) / len(cos)
 
 
+def alignment(means: dict[tuple[str, str, int], tuple[torch.Tensor, float]]) -> list[dict]:
+    """Per prompt and pair of settings: the cosine of their mean gradients, raw and divided by
+    ``c_a c_b`` (``c = sqrt(m / (1 + m))``, ``m`` = rollouts in the mean × ρ; None where m = 0)."""
+    out = []
+    for (ka, (ga, ma)), (kb, (gb, mb)) in itertools.combinations(means.items(), 2):
+        if ka[0] != kb[0]:
+            continue
+        cos = torch.nn.functional.cosine_similarity(ga, gb, dim=0).item()
+        scale = math.sqrt(ma / (1 + ma) * mb / (1 + mb))
+        name = lambda key: key[1] if key[2] == 1 else f"{key[1]}×{key[2]}"  # noqa: E731
+        out.append({
+            "prompt": ka[0], "a": name(ka), "b": name(kb), "cosine": cos,
+            "corrected": None if scale == 0 else cos / scale,
+        })  # fmt: skip
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--estimators", nargs="+", default=["top_k", "exact", "monte_carlo", "posterior_only"])
@@ -143,7 +169,7 @@ def main() -> None:
         ap.error(f"not ShapeWorld prompts: {unknown}")
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, means = [], {}
     for prompt, est, acc in itertools.product(a.prompts, a.estimators, a.accumulate):
         meta = by_prompt[prompt]
         row = {"prompt": prompt, "tag": meta["tag"], "metadata": json.dumps(meta)}
@@ -158,10 +184,13 @@ def main() -> None:
             **({"baseline_explained_per_step": explained} if explained else {}),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
-    (out / "gradient_snr.json").write_text(json.dumps(rows, indent=2))
+        means[(prompt, est, acc)] = (grads.mean(0), n * a.reps * rho)
+    cross = alignment(means)
+    report = {"rows": rows, "alignment": cross}
+    (out / "gradient_snr.json").write_text(json.dumps(report, indent=2))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(rows, indent=2))
+        Path(a.json).write_text(json.dumps(report, indent=2))
     lines = [
         "| prompt | method | mean reward | rollouts / gradient | mean pairwise cos | ρ per rollout "
         "| s per gradient |",
@@ -172,6 +201,15 @@ def main() -> None:
         f"{r['rollouts_per_gradient']} | {r['cosine']:.3f} | {r['rho']:.1e} | {r['seconds'] / a.reps:.1f} |"
         for r in rows
     ]
+    if cross:
+        lines += ["", "| prompt | methods | cos of mean gradients | corrected for their noise |"]
+        lines += ["|---|---|---|---|"]
+        lines += [
+            f"| {c['prompt'].removeprefix('a photo of ')} | {c['a']} · {c['b']} | {c['cosine']:.3f} | "
+            + ("n/a" if c["corrected"] is None else f"{c['corrected']:.2f}")
+            + " |"
+            for c in cross
+        ]
     table = "\n".join(lines)
     print(table)
     (out / "gradient_snr.md").write_text(table + "\n")
