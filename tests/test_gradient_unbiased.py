@@ -220,13 +220,17 @@ def test_greedy_step_baseline_matches_brute_force(tmp_path, kind, estimator):
     assert cos > 0.95, cos
 
 
+@pytest.mark.parametrize("lam", [1.0, 0.0])
 @pytest.mark.parametrize("kind", PATHS)
-def test_rollout_step_baseline_matches_brute_force(tmp_path, kind):
+def test_rollout_step_baseline_matches_brute_force(tmp_path, kind, lam):
     """``step_baseline="rollouts"``: step k's baseline is the mean reward of fresh continuations of
-    x_k, independent of the rollout's own x_{k+1} given x_k, so the mean gradient is still ∇E[R]."""
+    x_k, independent of the rollout's own x_{k+1} given x_k, so the mean gradient is still ∇E[R].
+    At λ = 0 the outcome is replaced by the continuations' value of x_{k+1} (VinePPO's
+    ``V̂(x_{k+1}) − V̂(x_k)``), whose mean given x_{k+1} is E[R | x_{k+1}]: unbiased too."""
     exact = exact_gradient(kind)
     grads = trainer_gradients(
-        tmp_path, kind, 512, 12, estimator="top_k", step_baseline="rollouts", step_baseline_rollouts=2
+        tmp_path, kind, 512, 12, estimator="top_k", step_baseline="rollouts", step_baseline_rollouts=2,
+        step_baseline_lambda=lam,
     )
     mean, se, cos = projection(grads, exact)
     target = exact.norm().item()

@@ -559,9 +559,46 @@ def test_rollout_step_baseline_values_are_mean_rewards_of_continuations_of_x_k(t
     """``step_baseline="rollouts"``: for each trained step k the trainer continues every rollout's
     recorded x_k M times from t_k, and b_k is the mean reward of those continuations' canvases;
     step k's advantage is TRL's minus ``(b_k − mean_G b_k) / σ`` (``c_k = 1`` on the first batch)."""
+    calls = _spy_continuations(monkeypatch)
+    m = 3
+    trainer = make_trainer(
+        tmp_path, estimator="top_k", step_baseline="rollouts", step_baseline_rollouts=m,
+        scale_rewards="batch", per_device_train_batch_size=8, max_steps=1,
+    )
+    rows, trl_adv, adv = _first_step_advantages(trainer)
+    states, steps = rows.trajectory.states, rows.step_index[0].tolist()
+    assert [k for k, _, _ in calls] == steps
+    values = _continuation_values(calls, states, m)
+    for j, k in enumerate(steps):
+        torch.testing.assert_close(adv[:, j], trl_adv - values[k], atol=1e-5, rtol=1e-4)
+    assert rows.trajectory.greedy is None  # the argmax canvases are only recorded for "greedy"
+
+
+def test_rollout_td0_credits_each_step_with_the_change_of_the_continuations_value(tmp_path, monkeypatch):
+    """λ = 0 on rollout values: step k gets ``v_{k+1} − v_k`` (``v_K`` TRL's advantage), with c_k
+    held at 1 on every batch (any other scale would bias it), and values drawn at every step."""
+    calls = _spy_continuations(monkeypatch)
+    trainer = make_trainer(
+        tmp_path, estimator="top_k", step_baseline="rollouts", step_baseline_lambda=0.0,
+        scale_rewards="batch", per_device_train_batch_size=8, max_steps=2, train_steps="all",
+    )
+    rows, trl_adv, adv = _first_step_advantages(trainer)
+    states, steps = rows.trajectory.states, rows.step_index[0].tolist()
+    num_steps = states.shape[1] - 1
+    assert steps == list(range(num_steps)) and [k for k, _, _ in calls[:num_steps]] == steps
+    values = _continuation_values(calls[:num_steps], states, 2)
+    values[num_steps] = trl_adv
+    for k in steps:
+        torch.testing.assert_close(adv[:, k], values[k + 1] - values[k], atol=1e-5, rtol=1e-4)
+    coefs = [v for log in trainer.state.log_history for key, v in log.items() if "baseline_coef" in key]
+    assert coefs and all(c == 1.0 for c in coefs)
+
+
+def _spy_continuations(monkeypatch) -> list:
+    """Record every continuation rollout the trainer draws: ``(k, x_k rows, trajectory)``."""
     import dflow_trl.trainer.dflow_grpo_trainer as module
 
-    m, calls, original = 3, [], module.rollout
+    calls, original = [], module.rollout
 
     def spy(model, batch, path, num_steps, **kw):
         traj = original(model, batch, path, num_steps, **kw)
@@ -570,27 +607,21 @@ def test_rollout_step_baseline_values_are_mean_rewards_of_continuations_of_x_k(t
         return traj
 
     monkeypatch.setattr(module, "rollout", spy)
-    trainer = make_trainer(
-        tmp_path,
-        estimator="top_k",
-        step_baseline="rollouts",
-        step_baseline_rollouts=m,
-        scale_rewards="batch",
-        per_device_train_batch_size=8,
-        max_steps=1,
-    )
-    rows, trl_adv, adv = _first_step_advantages(trainer)
-    states, steps = rows.trajectory.states, rows.step_index[0].tolist()
-    assert [k for k, _, _ in calls] == steps
+    return calls
+
+
+def _continuation_values(calls, states, m) -> dict[int, torch.Tensor]:
+    """``(b_k − mean_G b_k) / σ`` per step from the recorded continuations (batch σ, groups of 4),
+    after checking each continued the rollouts' own x_k, M times each, over the remaining steps."""
     rewards = torch.tensor(count_reward(None, None, states[:, -1].tolist()))
     sigma = rewards.std() + 1e-4
-    for j, (k, start, traj) in enumerate(calls):
+    values = {}
+    for k, start, traj in calls:
         assert torch.equal(start, states[:, k].repeat_interleave(m, dim=0))
         assert traj.num_steps == states.shape[1] - 1 - k and torch.equal(traj.states[:, 0], start)
-        b = torch.tensor(count_reward(None, None, traj.final.tolist())).view(8, m).mean(1)
-        shift = (b - b.view(-1, 4).mean(1).repeat_interleave(4)) / sigma
-        torch.testing.assert_close(adv[:, j], trl_adv - shift, atol=1e-5, rtol=1e-4)
-    assert rows.trajectory.greedy is None  # the argmax canvases are only recorded for "greedy"
+        b = torch.tensor(count_reward(None, None, traj.final.tolist())).view(-1, m).mean(1)
+        values[k] = (b - b.view(-1, 4).mean(1).repeat_interleave(4)) / sigma
+    return values
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5])
@@ -629,10 +660,8 @@ def test_step_baseline_rejects_what_it_cannot_use(tmp_path):
         make_args(tmp_path, step_baseline="greedy", multi_objective_aggregation="normalize_then_sum")
     with pytest.raises(ValueError, match="step_baseline_lambda must be in"):
         make_args(tmp_path, step_baseline="greedy", step_baseline_lambda=1.5)
-    with pytest.raises(ValueError, match="set step_baseline='greedy'"):
+    with pytest.raises(ValueError, match="set step_baseline='rollouts'"):
         make_args(tmp_path, step_baseline_lambda=0.5)
-    with pytest.raises(ValueError, match="set step_baseline='greedy'"):
-        make_args(tmp_path, step_baseline="rollouts", step_baseline_lambda=0.5)
     with pytest.raises(ValueError, match="step_baseline_rollouts must be >= 1"):
         make_args(tmp_path, step_baseline="rollouts", step_baseline_rollouts=0)
 

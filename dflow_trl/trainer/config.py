@@ -69,15 +69,19 @@ class DFlowGRPOConfig(GRPOConfig):
             forwards when every step is trained).
         step_baseline_rollouts: continuations per rollout and trained step (``M``) of
             ``step_baseline="rollouts"``.
-        step_baseline_lambda: λ of a TD(λ) advantage on the greedy values (needs ``step_baseline=
-            "greedy"``). With ``v_k = c_k (b_k − mean_G b_k) / σ`` and ``v_K`` the GRPO advantage,
-            step k gets ``Σ_{l ≥ k} λ^{l−k} (v_{l+1} − v_l)``. ``1`` (default) is ``v_K − v_k``, the
-            unbiased baseline above; ``0`` credits step k with ``v_{k+1} − v_k``, how much its
-            transition changed the predicted canvas's reward (per-step reward differences of
-            predicted clean samples, as TempFlow-GRPO credits continuous-flow steps). λ < 1 is
-            **biased**: ``v_{k+1}`` depends on ``x_{k+1}``, so it is not a baseline, and the
-            argmax prediction's reward is not ``E[R | x_{k+1}]``; it trades that bias for less
-            noise. Costs one reward call per denoising step.
+        step_baseline_lambda: λ of a TD(λ) advantage on the step values (needs a ``step_baseline``).
+            With ``v_k = c_k (b_k − mean_G b_k) / σ`` and ``v_K`` the GRPO advantage, step k gets
+            ``Σ_{l ≥ k} λ^{l−k} (v_{l+1} − v_l)``. ``1`` (default) is ``v_K − v_k``, the unbiased
+            baseline above; ``0`` credits step k with ``v_{k+1} − v_k``, how much its transition
+            changed the value. On the greedy values that is the change of the predicted canvas's
+            reward (per-step reward differences of predicted clean samples, as TempFlow-GRPO
+            credits continuous-flow steps), and λ < 1 is **biased**: ``v_{k+1}`` depends on
+            ``x_{k+1}``, so it is not a baseline, and the argmax prediction's reward is not
+            ``E[R | x_{k+1}]``; it trades that bias for less noise (one reward call per denoising
+            step). With ``step_baseline="rollouts"`` the values are Monte Carlo estimates of
+            ``E[R | x_l]`` from continuations independent of the rollout's own future, so every λ
+            is **unbiased** (VinePPO's advantage ``V̂(x_{k+1}) − V̂(x_k)`` at λ = 0); ``c_k`` is then
+            fixed at 1, and the values of every step from the first trained one on are drawn.
         skip_zero_advantage: rollouts whose advantage is 0 at every trained step (groups whose rewards
             all tie, under TRL's ``(R − mean_G R) / σ``) are not re-scored in the loss. Their loss term
             is ``A · (…)`` with ``A = 0``, so the gradient is exactly the same; they get TRL's old
@@ -166,7 +170,7 @@ class DFlowGRPOConfig(GRPOConfig):
     step_baseline_lambda: float = field(
         default=1.0,
         metadata={
-            "help": "TD(λ) on the greedy values: 1 = unbiased baseline, < 1 = biased, less noisy credit."
+            "help": "TD(λ) on the step values: 1 = baseline; < 1 = less noisy credit (biased if greedy)."
         },
     )
     skip_zero_advantage: bool = field(
@@ -236,8 +240,11 @@ class DFlowGRPOConfig(GRPOConfig):
             )
         if not 0.0 <= self.step_baseline_lambda <= 1.0:
             errors.append(f"step_baseline_lambda must be in [0, 1], got {self.step_baseline_lambda}")
-        elif self.step_baseline_lambda != 1.0 and self.step_baseline != "greedy":
-            errors.append("step_baseline_lambda < 1 works on the greedy values: set step_baseline='greedy'")
+        elif self.step_baseline_lambda != 1.0 and self.step_baseline == "none":
+            errors.append(
+                "step_baseline_lambda < 1 works on step values: set step_baseline='rollouts' (unbiased) "
+                "or 'greedy'"
+            )
         if self.step_baseline != "none" and self.multi_objective_aggregation != "sum_then_normalize":
             errors.append(
                 "step_baseline works on summed rewards: set multi_objective_aggregation='sum_then_normalize'"

@@ -412,6 +412,9 @@ class DFlowGRPOTrainer(GRPOTrainer):
             centred = base - torch.nanmean(base.view(-1, g), dim=1).repeat_interleave(g)
             shift = (centred / sigma).nan_to_num(0.0).masked_fill(silent, 0.0)
             coef = self._baseline_coef(k, full, shift)
+            if lam < 1 and self.args.step_baseline == "rollouts":
+                # v_{k+1} then stands in for the outcome itself: unbiased only at its own scale.
+                coef = 1.0
             values[k] = coef * shift
             metrics = self._metrics["train"]
             metrics[f"flow/baseline_coef/step_{k}"].append(coef)
