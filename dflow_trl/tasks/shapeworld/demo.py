@@ -100,12 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="each group's rollouts start from one x_0 (DFlowGRPOConfig.shared_source)",
     )
     ap.add_argument(
-        "--step-baseline", choices=["none", "greedy"], default=None,
-        help="per-step advantage baseline (DFlowGRPOConfig.step_baseline)",
+        "--step-baseline", default=None,
+        help="per-step advantage baseline: none, greedy or rollouts (DFlowGRPOConfig.step_baseline, "
+        "which checks the name)",
+    )
+    ap.add_argument(
+        "--step-baseline-rollouts", type=int, default=None,
+        help="continuations per step of --step-baseline rollouts (DFlowGRPOConfig.step_baseline_rollouts)",
     )
     ap.add_argument(
         "--step-baseline-lambda", type=float, default=None,
-        help="TD(λ) on the greedy values, with --step-baseline greedy (DFlowGRPOConfig.step_baseline_lambda)",
+        help="TD(λ) on the step values, with a --step-baseline (DFlowGRPOConfig.step_baseline_lambda)",
     )
     ap.add_argument(
         "--reward", default=None,
@@ -302,6 +307,7 @@ def build_trainer(
         shared_source=cfg.get("shared_source", False),
         step_baseline=cfg.get("step_baseline", "none"),
         step_baseline_lambda=cfg.get("step_baseline_lambda", 1.0),
+        step_baseline_rollouts=cfg.get("step_baseline_rollouts", 2),
         num_train_steps_per_rollout=cfg.get("num_train_steps_per_rollout"),
         flow_time_power=cfg.get("time_power", 1.0),
         num_mc_samples=8,
@@ -357,7 +363,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     overridable = (
         "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline",
         "step_baseline_lambda", "time_power", "reward", "eval_per_tag", "eval_steps", "eval_samples",
-        "lora_r", "num_train_steps_per_rollout", "shared_source",
+        "lora_r", "num_train_steps_per_rollout", "shared_source", "step_baseline_rollouts",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:
