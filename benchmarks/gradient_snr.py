@@ -28,7 +28,8 @@ methods, the cosine between their mean gradients (over all R batches), and that 
 n rollouts is expected to have with its own expectation: an estimate of the cosine between the two
 methods' expected gradients. An unbiased method's expected gradient is ∇E[R], so for a pair of an
 unbiased method and a biased one this is the biased gradient's alignment with ∇E[R] (noisy where
-``c`` is small; ``null`` where a ρ is 0).
+``c`` is small; ``null`` where a ρ is 0). The JSON holds ``{"rows": [...], "alignment": [...]}``
+(results from before the alignment are a bare list of rows).
 """
 
 from __future__ import annotations
