@@ -11,6 +11,9 @@ reports the held-out strict GenEval-style score per category (mean [min, max] ov
 
     python benchmarks/shapeworld_compare.py --mode heldout --seeds 0 1 2 --max-steps 40
 
+``--reward placebo`` trains on a coin flip per sample instead (a placebo: its true policy gradient is
+zero), so the held-out change is the noise damage alone that a real run pays on top of its signal.
+
 ``--mode prompt`` trains on one training prompt at a time (16 rollouts per step) and reports its
 expected partial reward over ``--probe-samples`` seeded samples, before and after:
 
@@ -58,6 +61,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--time-power", type=float, default=None, help="heldout: time grid power (default: the demo's)"
+    )
+    ap.add_argument(
+        "--reward", default=None,
+        help="heldout: training reward (default: the demo's); 'placebo' (a coin flip per sample) measures "
+        "what the gradient's noise alone does to the held-out score",
     )
     ap.add_argument("--prompts", nargs="+", default=list(HALF_SOLVED), help="prompt: training prompts")
     ap.add_argument("--probe-samples", type=int, default=64, help="prompt: samples scored before and after")
@@ -107,7 +115,7 @@ def compare_heldout(a: argparse.Namespace, out: Path) -> dict[str, list[dict]]:
         for est in a.estimators:
             overrides = {
                 "--eval-per-tag": a.eval_per_tag, "--eval-samples": a.eval_samples,
-                "--eval-steps": a.eval_steps, "--time-power": a.time_power,
+                "--eval-steps": a.eval_steps, "--time-power": a.time_power, "--reward": a.reward,
             }  # fmt: skip
             estimator, _, baseline = est.partition("+")
             args = build_parser().parse_args([

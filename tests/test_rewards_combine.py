@@ -78,7 +78,7 @@ def test_checked_reward_keeps_class_scorer_name():
 
 def test_registry_names_and_unknown_name():
     expected = {"pickscore", "clip_score", "aesthetic", "geneval", "ocr", "mc_letter", "exact_match",
-                "numeric_match", "format", "remote", "shapeworld_strict", "shapeworld_partial",
+                "numeric_match", "format", "remote", "placebo", "shapeworld_strict", "shapeworld_partial",
                 "shapeworld_answer"}  # fmt: skip
     assert expected <= set(REWARD_REGISTRY)
     with pytest.raises(ValueError, match=r"unknown reward 'pickscor'; known rewards: \[.*'pickscore'"):
@@ -159,3 +159,21 @@ def test_several_weighted_rewards_through_trl_calculate_rewards():
     trainer.reward_func_names = ["exploding_reward"]
     with pytest.raises(RuntimeError, match="'exploding_reward' failed on a batch of 2 samples"):
         GRPOTrainer._calculate_rewards(trainer, inputs, ["q1", "q2"], completions, [[1], [2]])
+
+
+def test_placebo_reward_ignores_the_completions_and_flips_a_fair_coin():
+    from dflow_trl.rewards import checked_reward
+
+    one, two = get_reward_function("placebo", seed=3), get_reward_function("placebo", seed=3)
+    assert one.__name__ == "placebo"
+    assert checked_reward(one).__name__ == "placebo"
+    # The same seed gives the same flips whatever was generated: the reward cannot see the sample.
+    a = one(prompts=["p"] * 4000, completions=["x"] * 4000)
+    b = two(prompts=["q"] * 4000, completions=[str(i) for i in range(4000)])
+    assert a == b and set(a) == {0.0, 1.0}
+    # Bernoulli(1/2): mean within 5 standard errors (SE = 0.5 / sqrt(4000) ≈ 0.0079).
+    assert abs(sum(a) / len(a) - 0.5) < 5 * 0.5 / 4000**0.5
+    biased = get_reward_function("placebo", p=0.2, seed=0)(prompts=["p"] * 4000, completions=["x"] * 4000)
+    assert abs(sum(biased) / 4000 - 0.2) < 5 * (0.2 * 0.8 / 4000) ** 0.5
+    with pytest.raises(ValueError, match=r"p must lie in \(0, 1\)"):
+        get_reward_function("placebo", p=1.0)
