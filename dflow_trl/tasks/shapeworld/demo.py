@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--reward", default=None,
-        help="training reward (t2i: shapeworld_partial or shapeworld_strict; any registered reward name)",
+        help="training reward (t2i: shapeworld_partial or shapeworld_strict; any registered reward name; "
+        "placebo, a coin flip per sample, measures what the gradient's noise alone does)",
     )
     ap.add_argument(
         "--time-power", type=float, default=None,
