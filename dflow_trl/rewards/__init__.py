@@ -145,7 +145,7 @@ REWARD_REGISTRY = RewardRegistry(
         "numeric_match": _lazy("answers", "numeric_match"),
         "format": _lazy("answers", "format_reward"),
         "remote": _lazy("remote", "remote"),
-        "placebo": _lazy("placebo", "placebo"),
+        "placebo": _lazy("placebo", "PlaceboReward"),
     }
 )
 

@@ -14,7 +14,8 @@ from typing import Any
 
 
 class PlaceboReward:
-    """``R ~ Bernoulli(p)`` per completion, from a generator seeded once with ``seed``."""
+    """``R ~ Bernoulli(p)`` per completion, from a generator seeded once with ``seed`` (registry name
+    ``"placebo"``)."""
 
     def __init__(self, p: float = 0.5, seed: int = 0) -> None:
         if not 0.0 < p < 1.0:
@@ -26,7 +27,3 @@ class PlaceboReward:
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         return [float(self._rng.random() < self.p) for _ in completions]
 
-
-def placebo(p: float = 0.5, seed: int = 0) -> PlaceboReward:
-    """The placebo reward (registry name ``"placebo"``)."""
-    return PlaceboReward(p=p, seed=seed)
