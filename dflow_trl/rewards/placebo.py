@@ -26,4 +26,3 @@ class PlaceboReward:
 
     def __call__(self, prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         return [float(self._rng.random() < self.p) for _ in completions]
-

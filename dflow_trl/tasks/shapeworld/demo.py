@@ -55,7 +55,7 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         lora_r=16,
         # 30 steps gained +0.076, +0.083, +0.076 on seeds 0, 1, 2 where 18 gained +0.043, +0.005,
         # +0.085: the noise's damage comes in the first steps and the signal keeps coming
-        # (benchmarks/README.md, placebo reward). About 4 s a step on an idle 2-core CPU, tied groups
+        # (benchmarks/README.md, placebo reward). About 4.5 s a step on an idle 2-core CPU, tied groups
         # not re-scored (skip_zero_advantage). The budget is a safety net only.
         train_minutes=6.0,
         max_steps=30,
