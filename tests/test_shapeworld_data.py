@@ -44,6 +44,8 @@ from dflow_trl.tasks.shapeworld import (
 )
 from dflow_trl.tasks.shapeworld.prompts import bindings_of
 from dflow_trl.tasks.shapeworld.shapes import TEMPLATES, classify_cells, mask_distance
+from dflow_trl.tasks.shapeworld.vqa import vqa_split_of
+from dflow_trl.tasks.shapeworld.vqa_corpus import AnswerCorpus, misanswered
 
 # ---- palette and shapes --------------------------------------------------------------------------
 
@@ -272,7 +274,7 @@ def test_vqa_datasets():
         _check_answer(row)
         assert scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
 
-    test = make_vqa_dataset("test", n=120, seed=1)
+    test = make_vqa_dataset("test", n=120, seed=1, held_out="combinations")
     for row in test:
         _check_answer(row)
         safe = scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
@@ -284,6 +286,58 @@ def test_vqa_datasets():
     assert len(make_vqa_dataset("test", n=4, qtypes=["color"])) == 4
     with pytest.raises(ValueError, match="question type"):
         make_vqa_dataset("train", n=4, qtypes=["shape"])
+    with pytest.raises(ValueError, match="held_out"):
+        make_vqa_dataset("train", n=4, held_out="scenes")
+
+
+def test_vqa_question_split_is_disjoint_and_in_distribution():
+    """The default split: both sides draw from one distribution (train-safe scenes, what pretraining
+    draws from), every question lies on its side of the hash, and no test question is a training one."""
+    train = make_vqa_dataset("train", n=400, seed=2)
+    test = make_vqa_dataset("test", n=200, seed=2)
+    assert test["answer"] == make_vqa_dataset("test", n=200, seed=2)["answer"]
+    assert {vqa_split_of(r) for r in train} == {"train"}
+    assert {vqa_split_of(r) for r in test} == {"test"}
+    seen = {(r["prompt"], tuple(r["scene_tokens"])) for r in train}
+    assert not any((r["prompt"], tuple(r["scene_tokens"])) in seen for r in test)
+    for row in test:
+        _check_answer(row)
+        assert scene_is_train_safe([(o.shape, o.color) for o in parse_grid(row["scene_tokens"])])
+    assert set(test["qtype"]) == set(QTYPES)
+    # The hash halves the distribution: about half of the pretraining pool is on each side.
+    pool = make_vqa_dataset("train", n=1000, seed=0, held_out="combinations")
+    share = sum(vqa_split_of(r) == "test" for r in pool) / len(pool)
+    assert 0.4 < share < 0.6
+
+
+def test_misanswered_is_wrong_the_documented_way():
+    rng = random.Random(0)
+    rows = make_vqa_dataset("train", n=200, seed=3)
+    opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    for row in rows:
+        wrong = misanswered(row, rng)
+        assert wrong != row["answer"] and wrong in ANSWERS
+        if row["qtype"] == "count":
+            numbers = ["one", "two", "three", "four"]
+            assert abs(numbers.index(wrong) - numbers.index(row["answer"])) == 1
+        elif row["qtype"] == "position":
+            assert wrong == opposite[row["answer"]]
+        elif row["qtype"] == "exist":
+            assert {wrong, row["answer"]} == {"yes", "no"}
+        else:
+            shape = row["prompt"].split()[-1].rstrip("?")
+            assert wrong == DEFAULT_COLORS[shape] or row["answer"] == DEFAULT_COLORS[shape]
+    corpus = AnswerCorpus(random.Random(1), rows.to_list(), answer_noise=0.3)
+    truth = {(r["prompt"], tuple(r["scene_tokens"])): r["answer"] for r in rows}
+    draws = [corpus.draw() for _ in range(4000)]
+    wrong_rate = sum(a != ex["answer"] for ex, a in draws) / len(draws)
+    # 5 standard errors of a Bernoulli(0.3) mean over 4000 draws.
+    assert abs(wrong_rate - 0.3) < 5 * (0.3 * 0.7 / 4000) ** 0.5
+    assert all(truth[(ex["prompt"], tuple(ex["scene_tokens"]))] == ex["answer"] for ex, _ in draws)
+    clean = AnswerCorpus(random.Random(1), rows.to_list(), answer_noise=0.0)
+    assert all(a == ex["answer"] for ex, a in (clean.draw() for _ in range(200)))
+    with pytest.raises(ValueError, match="answer_noise"):
+        AnswerCorpus(random.Random(0), rows.to_list(), answer_noise=1.5)
 
 
 # ---- pictures ------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from dflow_trl.tasks.shapeworld import (
     palette_rgb,
 )
 from dflow_trl.tasks.shapeworld.corpus import DEFAULT_CAPTION_NOISE, CaptionCorpus
+from dflow_trl.tasks.shapeworld.vqa_corpus import AnswerCorpus
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -116,6 +117,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fraction of text-to-image captions that describe their image wrongly "
         "(dflow_trl.tasks.shapeworld.corpus)",
     )
+    p.add_argument(
+        "--answer-noise",
+        type=float,
+        default=0.0,
+        help="fraction of understanding draws answered wrongly (dflow_trl.tasks.shapeworld.vqa_corpus)",
+    )
     p.add_argument("--vqa-pool", type=int, default=12000, help="TRAIN questions generated up front")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument(
@@ -141,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--uncond-prob must lie in [0, 1)")
     if not 0 <= args.caption_noise <= 1:
         p.error("--caption-noise must lie in [0, 1]")
+    if not 0 <= args.answer_noise <= 1:
+        p.error("--answer-noise must lie in [0, 1]")
     return args
 
 
@@ -194,20 +203,24 @@ class T2ISource:
 
 
 class VQASource:
-    """TRAIN understanding questions drawn with replacement from a pool made up front."""
+    """TRAIN understanding questions drawn with replacement from a pool made up front, a
+    ``answer_noise`` fraction of draws answered wrongly (``dflow_trl.tasks.shapeworld.vqa_corpus``)."""
 
-    def __init__(self, rng: random.Random, tokenizer, pool: int, seed: int) -> None:
-        ds = make_vqa_dataset("train", n=pool, seed=seed)
-        self.rng = rng
-        self.prompts, self.scenes = ds["prompt"], ds["scene_tokens"]
-        self.answers = [encode_answer(a, tokenizer) for a in ds["answer"]]
+    def __init__(
+        self, rng: random.Random, tokenizer, pool: int, seed: int, answer_noise: float = 0.0
+    ) -> None:
+        # The pool the shipped model was pretrained on: every in-distribution question, both sides
+        # of the RL split (as the text-to-image corpus holds every prompt).
+        ds = make_vqa_dataset("train", n=pool, seed=seed, held_out="combinations")
+        self.corpus = AnswerCorpus(rng, ds.to_list(), answer_noise)
+        self.tokenizer = tokenizer
 
     def batch(self, n: int) -> Batch:
-        idx = [self.rng.randrange(len(self.prompts)) for _ in range(n)]
+        draws = [self.corpus.draw() for _ in range(n)]
         return Batch(
-            [self.prompts[i] for i in idx],
-            torch.tensor([self.answers[i] for i in idx], dtype=torch.long),
-            [self.scenes[i] for i in idx],
+            [ex["prompt"] for ex, _ in draws],
+            torch.tensor([encode_answer(a, self.tokenizer) for _, a in draws], dtype=torch.long),
+            [ex["scene_tokens"] for ex, _ in draws],
         )
 
 
@@ -286,7 +299,7 @@ def train(args: argparse.Namespace) -> dict:
     )
     t2i, vqa = (
         T2ISource(rng, args.tag_power, args.caption_noise),
-        VQASource(rng, tokenizer, args.vqa_pool, args.seed),
+        VQASource(rng, tokenizer, args.vqa_pool, args.seed, args.answer_noise),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
 

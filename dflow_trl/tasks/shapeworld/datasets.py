@@ -67,11 +67,17 @@ def make_t2i_dataset(
 
 
 def make_vqa_dataset(
-    split: str, n: int | None = None, seed: int = 0, qtypes: Iterable[str] | None = None
+    split: str,
+    n: int | None = None,
+    seed: int = 0,
+    qtypes: Iterable[str] | None = None,
+    held_out: str = "questions",
 ) -> Dataset:
     """Understanding questions with columns ``prompt`` (the question), ``scene_tokens`` (256 ints),
-    ``answer`` (one word) and ``qtype``; ``n`` defaults to ``VQA_DEFAULT_SIZES[split]``."""
+    ``answer`` (one word) and ``qtype``; ``n`` defaults to ``VQA_DEFAULT_SIZES[split]``.
+    ``held_out``: ``"questions"`` (disjoint questions of one distribution) or ``"combinations"``
+    (test questions about combinations no training scene shows); see ``vqa``."""
     check_split(split)
-    rows = vqa_examples(split, VQA_DEFAULT_SIZES[split] if n is None else n, seed, qtypes)
+    rows = vqa_examples(split, VQA_DEFAULT_SIZES[split] if n is None else n, seed, qtypes, held_out)
     columns = ("prompt", "scene_tokens", "answer", "qtype")
     return Dataset.from_dict({c: [r[c] for r in rows] for c in columns})

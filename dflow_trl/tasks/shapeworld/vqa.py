@@ -1,13 +1,23 @@
 """ShapeWorld understanding questions (count, colour, position, existence) with one-word answers.
 
-Split: training scenes never show anything held out of the text-to-image split (see
-``prompts.scene_is_train_safe``); every test question is about a held-out combination — its
-focus object has a held-out (colour, shape) binding, or the question pairs held-out shapes, asks
-for a held-out (shape, count), or asks whether a held-out binding is present.
+Two splits, chosen with ``held_out``:
+
+- ``"questions"`` (the default, GenEval-faithful, as the text-to-image split): train and test
+  questions come from one distribution, the one pretraining draws from, and are disjoint
+  instances: a question goes to the test side when a fixed hash of its text and scene falls in
+  the test half (``vqa_split_of``). RL trains on one side and is scored on the other; everything
+  a test question asks about was seen in pretraining.
+- ``"combinations"`` (compositional generalisation): training scenes never show anything held
+  out (``prompts.scene_is_train_safe``), and every test question is about a held-out combination:
+  its focus object has a held-out (colour, shape) binding, or the question pairs held-out shapes,
+  asks for a held-out (shape, count), or asks whether a held-out binding is present. Its train
+  side, without the hash, is the pretraining pool. A base that never saw these combinations gets
+  most such questions wrong on every sample (docs/shapeworld.md), which no CPU-minute RL teaches.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterable
 
@@ -175,10 +185,26 @@ _MAKERS: dict[str, Callable[[random.Random, str], tuple[list[Obj], str, str]]] =
 }
 
 
-def vqa_example(rng: random.Random, split: str, qtype: str) -> dict:
-    """One question: ``{"prompt", "scene_tokens", "answer", "qtype"}``."""
-    check_split(split)
-    check_qtype(qtype)
+HELD_OUT_KINDS: tuple[str, ...] = ("questions", "combinations")
+VQA_TEST_FRACTION = 0.5
+
+
+def check_held_out(held_out: str) -> str:
+    if held_out not in HELD_OUT_KINDS:
+        raise ValueError(f"unknown held_out {held_out!r}; expected one of {list(HELD_OUT_KINDS)}")
+    return held_out
+
+
+def vqa_split_of(example: dict) -> str:
+    """``"test"`` or ``"train"``: the side of the ``held_out="questions"`` split that a question
+    (``prompt`` and ``scene_tokens``) is on, by a fixed hash of both."""
+    key = f"shapeworld-vqa-split:{example['prompt']}|{','.join(map(str, example['scene_tokens']))}"
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if bucket < VQA_TEST_FRACTION else "train"
+
+
+def _draw(rng: random.Random, split: str, qtype: str) -> dict:
+    """One question of ``split``'s generator in the ``"combinations"`` split."""
     for _ in range(_MAX_TRIES):
         if qtype == "position":
             objs, question, rel = _position_question(rng, split)
@@ -191,14 +217,38 @@ def vqa_example(rng: random.Random, split: str, qtype: str) -> dict:
     raise RuntimeError(f"could not make a {split} {qtype} question in {_MAX_TRIES} tries")
 
 
-def vqa_examples(split: str, n: int, seed: int = 0, qtypes: Iterable[str] | None = None) -> list[dict]:
-    """``n`` questions, question types in rotation; the same arguments give the same list."""
+def vqa_example(rng: random.Random, split: str, qtype: str, held_out: str = "questions") -> dict:
+    """One question of ``split`` under the ``held_out`` split: ``{"prompt", "scene_tokens",
+    "answer", "qtype"}``."""
     check_split(split)
+    check_qtype(qtype)
+    if check_held_out(held_out) == "combinations":
+        return _draw(rng, split, qtype)
+    for _ in range(_MAX_TRIES):
+        example = _draw(rng, "train", qtype)
+        if vqa_split_of(example) == split:
+            return example
+    raise RuntimeError(f"could not make a {split} {qtype} question in {_MAX_TRIES} tries")
+
+
+def vqa_examples(
+    split: str,
+    n: int,
+    seed: int = 0,
+    qtypes: Iterable[str] | None = None,
+    held_out: str = "questions",
+) -> list[dict]:
+    """``n`` questions of ``split`` (``held_out``: which split, see the module), question types in
+    rotation; the same arguments give the same list."""
+    check_split(split)
+    check_held_out(held_out)
     qtypes = QTYPES if qtypes is None else tuple(check_qtype(q) for q in qtypes)
     if not qtypes:
         raise ValueError("qtypes must name at least one question type")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    # Distinct streams per split, so a train and a test set with one seed share no draws.
-    rng = random.Random(f"shapeworld-vqa-{split}-{seed}")
-    return [vqa_example(rng, split, qtypes[i % len(qtypes)]) for i in range(n)]
+    # Distinct streams per split, so a train and a test set with one seed share no draws. The
+    # "combinations" stream is the one the shipped model's pretraining pool was drawn from.
+    stream = "" if held_out == "combinations" else "q-"
+    rng = random.Random(f"shapeworld-vqa-{stream}{split}-{seed}")
+    return [vqa_example(rng, split, qtypes[i % len(qtypes)], held_out) for i in range(n)]
