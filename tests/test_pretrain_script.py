@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def test_pretrain_rejects_bad_arguments():
         script.parse_args(["--output-dir", "x", "--steps", "3", "--t-power", "0"])
     with pytest.raises(SystemExit):
         script.parse_args(["--output-dir", "x", "--steps", "3", "--caption-noise", "1.5"])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--output-dir", "x", "--steps", "3", "--answer-noise", "-0.1"])
+
+
+def test_vqa_source_answers_a_noisy_fraction_wrongly_and_replays_the_clean_sampler():
+    from dflow_trl.tasks.shapeworld import build_shapeworld_tokenizer
+    from dflow_trl.tasks.shapeworld.tokenizer import decode_answer
+
+    script = _load_script()
+    tok = build_shapeworld_tokenizer()
+    clean = script.VQASource(random.Random(0), tok, 300, 0).batch(64)
+    # The noise-free sampler draws the pool indices exactly as the shipped model's pretraining did.
+    pool = script.make_vqa_dataset("train", n=300, seed=0, held_out="combinations")
+    rng = random.Random(0)
+    idx = [rng.randrange(300) for _ in range(64)]
+    assert clean.prompts == [pool["prompt"][i] for i in idx]
+    truth = {(p, tuple(s)): a for p, s, a in zip(pool["prompt"], pool["scene_tokens"], pool["answer"])}
+    noisy = script.VQASource(random.Random(1), tok, 300, 0, answer_noise=0.5).batch(400)
+    right = [
+        decode_answer(x1.tolist(), tok) == truth[(p, tuple(s))]
+        for p, s, x1 in zip(noisy.prompts, noisy.scenes, noisy.x1)
+    ]
+    assert 0.35 < 1 - sum(right) / len(right) < 0.65
 
 
 def test_t2i_source_draws_both_sides_of_the_split_with_noisy_captions():
