@@ -7,7 +7,9 @@ is discrete flow matching: ``t ~ U[0, 1)`` per sample, ``x_t ~ p_t(· | x1)`` fr
 paths, and the cross-entropy of the posterior logits against ``x1`` on the canvas. Every step
 holds a text-to-image batch (captions from every prompt of both splits, a ``--caption-noise``
 fraction describing their image wrongly, see ``dflow_trl.tasks.shapeworld.corpus``; 10% of prompts
-dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch (TRAIN questions).
+dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch (TRAIN questions;
+``--answer-noise`` answers a fraction wrongly, see ``dflow_trl.tasks.shapeworld.vqa_corpus``; the
+shipped weights were trained without it).
 ``t = u^power`` with ``u ~ U[0, 1)`` (``--t-power``, 1 = uniform).
 
 The shipped asset was made in two stages (torch 2.13), the defaults and then a continuation at half
