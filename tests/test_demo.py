@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from PIL import Image
 
 from dflow_trl.tasks.shapeworld import score_t2i
-from dflow_trl.tasks.shapeworld.demo import build_parser, picture_columns, run
+from dflow_trl.tasks.shapeworld.demo import _nan_to_null, _with_se, build_parser, picture_columns, run
 
 
 def test_picture_shows_the_first_prompts_of_each_category_whatever_their_scores():
     tags = ["a", "a", "a", "b", "b"]
     assert picture_columns(tags) == [0, 3]
     assert picture_columns(tags, per_tag=2) == [0, 1, 3, 4]
+
+
+def test_an_unknown_standard_error_reads_as_unknown_not_as_zero():
+    # One prompt per category (--eval-per-tag 1) leaves no spread to estimate the error from.
+    assert _with_se(0.5, math.nan) == "0.500 ± n/a" and _with_se(0.5, 0.0191) == "0.500 ± 0.019"
+    cleaned = _nan_to_null({"se": math.nan, "base": {"per": [1.0, math.nan]}, "n": 3})
+    assert cleaned == {"se": None, "base": {"per": [1.0, None]}, "n": 3}
+    json.dumps(cleaned, allow_nan=False)
 
 
 def test_demo_writes_results_picture_and_adapter(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -120,7 +122,9 @@ def test_stratified_standard_error_matches_the_spread_of_resampled_means():
     assert standard_error(values) > 1.3 * truth
     # One stratum is the plain standard error; one value per stratum adds nothing.
     assert stratified_standard_error(values, ["a"] * 60) == pytest.approx(standard_error(values))
-    assert stratified_standard_error([0.0, 1.0], ["a", "b"]) == 0.0
+    # One value per stratum says nothing about the spread: unknown, not zero.
+    assert math.isnan(stratified_standard_error([0.0, 1.0], ["a", "b"]))
+    assert math.isnan(standard_error([1.0]))
     with pytest.raises(ValueError, match="strata"):
         stratified_standard_error([1.0], [])
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -344,12 +345,29 @@ def build_trainer(
     )
 
 
+def _with_se(value: float, se: float) -> str:
+    """``0.540 ± 0.019``, or ``0.540 ± n/a`` when the spread cannot be estimated (one prompt per category)."""
+    return f"{value:.3f} ± {'n/a' if math.isnan(se) else f'{se:.3f}'}"
+
+
+def _nan_to_null(obj: Any) -> Any:
+    """``obj`` with every NaN (a standard error that cannot be estimated) as ``None``: strict JSON
+    has no NaN, and ``null`` reads as "unknown" in every parser."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_null(v) for v in obj]
+    return obj
+
+
 def _summary(task: str, base: dict[str, Any], final: dict[str, Any]) -> str:
     """A few lines for the console: the headline with standard errors, and each category."""
     key, groups = ("strict", "per_category") if task == "t2i" else ("accuracy", "per_qtype")
     lines = [
-        f"[demo] held-out {key}: {base[key]:.3f} ± {base[key + '_se']:.3f} "
-        f"→ {final[key]:.3f} ± {final[key + '_se']:.3f}"
+        f"[demo] held-out {key}: {_with_se(base[key], base[key + '_se'])} "
+        f"→ {_with_se(final[key], final[key + '_se'])}"
     ]
     lines += [f"[demo]   {g:<14} {base[groups][g]:.2f} → {final[groups][g]:.2f}" for g in base[groups]]
     return "\n".join(lines)
@@ -399,7 +417,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         )
         base = _evaluate(task, model, tok, eval_data, cfg, args.seed)
     headline = "strict" if task == "t2i" else "accuracy"
-    print(f"[demo] base held-out {headline}: {base[headline]:.3f} ± {base[headline + '_se']:.3f}")
+    print(f"[demo] base held-out {headline}: {_with_se(base[headline], base[headline + '_se'])}")
 
     reward_key = f"rewards/{cfg['reward']}/mean"
     trainer = build_trainer(
@@ -461,7 +479,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
         "reward_curve": [h[reward_key] for h in trainer.state.log_history if reward_key in h],
         "config": {**cfg, "seed": args.seed, **extra_config},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(json.dumps(_nan_to_null(results), indent=2, allow_nan=False))
     written = ", samples.jsonl, samples_before_after.png" if task == "t2i" else ""
     print(
         f"[demo] wrote {out}/results.json{written}, reward_curve.png, adapter/ "

@@ -8,6 +8,7 @@ categories; :func:`balanced_t2i_eval_set` draws an equal number of prompts per c
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -146,10 +147,11 @@ def _sampled_batches(
 
 
 def standard_error(values: Sequence[float]) -> float:
-    """Standard error of the mean of ``values`` (sample standard deviation / √n; 0 for one value)."""
+    """Standard error of the mean of ``values`` (sample standard deviation / √n); NaN for fewer than
+    two values, whose spread is unknown, not zero."""
     n = len(values)
     if n < 2:
-        return 0.0
+        return math.nan
     mean = sum(values) / n
     return (sum((v - mean) ** 2 for v in values) / (n - 1) / n) ** 0.5
 
@@ -160,7 +162,8 @@ def stratified_standard_error(values: Sequence[float], strata: Sequence[str]) ->
     With n_c values in stratum c (variance s_c², N in all) the mean is Σ_c (n_c/N) m_c, so
     SE = √(Σ_c (n_c/N)² s_c²/n_c). A balanced evaluation set fixes how many prompts each category
     has, so how the categories differ from each other is not sampling noise, and
-    :func:`standard_error` (which counts it) overstates the error; a stratum of one value adds 0.
+    :func:`standard_error` (which counts it) overstates the error. NaN when a stratum holds one
+    value: its variance cannot be estimated (``--eval-per-tag 1``).
     """
     if len(values) != len(strata):
         raise ValueError(f"got {len(values)} values but {len(strata)} strata")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from .palette import COLORS
 from .prompts import NUMBER_WORDS
 from .scenes import DEFAULT_COLORS, MAX_OBJECTS
-from .vqa import check_qtype
+from .vqa import QUESTION_TEMPLATES, check_qtype
 
 __all__ = ["ANSWER_CORRUPTIONS", "DEFAULT_ANSWER_NOISE", "AnswerCorpus", "misanswered"]
 
@@ -37,7 +37,8 @@ ANSWER_CORRUPTIONS: dict[str, str] = {
 DEFAULT_ANSWER_NOISE = 0.4
 _OPPOSITE = {"left": "right", "right": "left", "above": "below", "below": "above"}
 _COUNT_OF = {w: n for n, w in NUMBER_WORDS.items()}
-_COLOR_QUESTION = re.compile(r"what color is the (\w+)\?")
+# Read back from the template the questions are written with, so the two cannot drift apart.
+_COLOR_QUESTION = re.compile(re.escape(QUESTION_TEMPLATES["color"]).replace(re.escape("{shape}"), r"(\w+)"))
 
 
 def misanswered(example: dict, rng: random.Random) -> str:
