@@ -107,11 +107,13 @@ def load_prompt_dataset(name: str, split: str) -> Any:
     )
 
 
-def resolve_model_path(name: str | None) -> str:
+def resolve_model_path(name: str | None, task: str | None = None) -> str:
+    """The folder of ``name``: the shipped ShapeWorld model for a built-in name (its understanding
+    stage when ``task`` is ``"understanding"``), else a local folder."""
     if name in (None, "", *BUILTIN_MODELS):
-        from .tasks.shapeworld.pretrained import SHAPEWORLD_DIR
+        from .tasks.shapeworld.pretrained import SHAPEWORLD_DIR, SHAPEWORLD_UNDERSTANDING_DIR
 
-        return str(SHAPEWORLD_DIR)
+        return str(SHAPEWORLD_UNDERSTANDING_DIR if task == "understanding" else SHAPEWORLD_DIR)
     if not os.path.isdir(name):
         raise ValueError(f"model {name!r} is not a local folder; models are never downloaded here")
     return name
@@ -136,7 +138,7 @@ def train(argv: list[str] | None = None) -> int:
 
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
     model_args.lora_target_modules = _module_list(model_args.lora_target_modules)
-    path = resolve_model_path(model_args.model_name_or_path)
+    path = resolve_model_path(model_args.model_name_or_path, script_args.task)
     kwargs: dict[str, Any] = dict(training_args.model_init_kwargs or {})
     if model_args.dtype not in (None, "auto", "float32"):
         import torch

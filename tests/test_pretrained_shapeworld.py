@@ -12,7 +12,11 @@ from dflow_trl.paths import MetricInducedPath, MixturePath
 from dflow_trl.rollout import generate
 from dflow_trl.tasks.shapeworld import ANSWER_LENGTH, GRID, PALETTE_SIZE, make_vqa_dataset, palette_embeddings
 from dflow_trl.tasks.shapeworld.evaluation import balanced_t2i_eval_set, evaluate_t2i, evaluate_vqa
-from dflow_trl.tasks.shapeworld.pretrained import SHAPEWORLD_DIR, load_shapeworld_model
+from dflow_trl.tasks.shapeworld.pretrained import (
+    SHAPEWORLD_DIR,
+    SHAPEWORLD_UNDERSTANDING_DIR,
+    load_shapeworld_model,
+)
 
 # The shipped weights draw every held-out single-object prompt correctly (strict 1.0 at 12 steps,
 # seed 0; an untrained model scores 0) and answer ~0.32 of held-out questions at 4 steps (an
@@ -27,10 +31,23 @@ def shipped():
 
 
 def test_asset_is_small_and_complete():
-    weights = SHAPEWORLD_DIR / "model.safetensors"
-    assert weights.is_file() and (SHAPEWORLD_DIR / "tokenizer.json").is_file()
-    total = sum(f.stat().st_size for f in SHAPEWORLD_DIR.iterdir() if f.is_file())
+    total = 0
+    for folder in (SHAPEWORLD_DIR, SHAPEWORLD_UNDERSTANDING_DIR):
+        assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+        total += sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     assert total <= 15 * 2**20
+
+
+def test_understanding_stage_is_the_base_trained_further_with_the_same_tokenizer(shipped):
+    base, tok = shipped
+    stage, stage_tok = load_shapeworld_model("understanding")
+    assert stage.task == "understanding" and stage_tok.get_vocab() == tok.get_vocab()
+    base_sd, stage_sd = base.state_dict(), stage.state_dict()
+    assert base_sd.keys() == stage_sd.keys()
+    assert any(not torch.equal(base_sd[k], stage_sd[k]) for k in base_sd)
+    # An explicit path still wins over the task's default folder.
+    explicit = load_shapeworld_model("understanding", path=SHAPEWORLD_DIR)[0].state_dict()
+    assert all(torch.equal(explicit[k], base_sd[k]) for k in base_sd)
 
 
 def test_loads_offline_with_documented_paths(shipped, monkeypatch):

@@ -9,7 +9,7 @@ holds a text-to-image batch (captions from every prompt of both splits, a ``--ca
 fraction describing their image wrongly, see ``dflow_trl.tasks.shapeworld.corpus``; 10% of prompts
 dropped to ``<uncond>`` for classifier-free guidance) and an understanding batch (TRAIN questions;
 ``--answer-noise`` answers a fraction wrongly, see ``dflow_trl.tasks.shapeworld.vqa_corpus``; the
-shipped weights were trained without it).
+two stages of the shipped weights were trained without it, their understanding stage with it).
 ``t = u^power`` with ``u ~ U[0, 1)`` (``--t-power``, 1 = uniform).
 
 The shipped asset was made in two stages (torch 2.13), the defaults and then a continuation at half
@@ -18,6 +18,14 @@ the peak learning rate::
     python examples/shapeworld/pretrain.py --output-dir STAGE1 --steps 2400 --threads 1
     python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets \\
         --init-from STAGE1 --steps 3000 --lr 1e-3 --threads 1
+
+The understanding stage (``assets/understanding``, what ``load_shapeworld_model("understanding")``
+loads) continues from those weights on both tasks, with four times the questions per step, noisy
+answers and a lower learning rate (42.5 minutes on one thread, the other core busy)::
+
+    python examples/shapeworld/pretrain.py --output-dir dflow_trl/tasks/shapeworld/assets/understanding \\
+        --init-from dflow_trl/tasks/shapeworld/assets --steps 1200 --lr 5e-4 --vqa-batch-size 24 \\
+        --answer-noise 0.4 --seed 3 --threads 1
 
 Measured on one thread of a 2-core CPU whose other core was busy with other work: 53.0 minutes for
 stage 1 and 73.0 minutes for stage 2 (2.1 CPU-hours in all). Stage 1 alone (the previous shipped

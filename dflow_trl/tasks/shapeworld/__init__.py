@@ -90,6 +90,7 @@ __all__ = [
     "RELATIONS",
     "SHAPES",
     "SHAPEWORLD_DIR",
+    "SHAPEWORLD_UNDERSTANDING_DIR",
     "SLOTS",
     "SPECIAL_TOKENS",
     "TAGS",
@@ -134,6 +135,7 @@ __all__ = [
 # Names whose modules pull in the model and the sampler: imported on first access.
 _LAZY = {
     "SHAPEWORLD_DIR": "pretrained",
+    "SHAPEWORLD_UNDERSTANDING_DIR": "pretrained",
     "load_shapeworld_model": "pretrained",
     "balanced_t2i_eval_set": "evaluation",
     "evaluate_t2i": "evaluation",

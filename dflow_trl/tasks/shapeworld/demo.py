@@ -73,9 +73,10 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         estimator="exact",
         reward="shapeworld_answer",
         lora_r=16,
-        # A fixed step count, so the result does not depend on the machine's speed: 30 steps took
-        # 253 s on one busy core (0.308 → 0.317 held-out, seed 0); 80 steps under the former 3-minute
-        # budget stopped wherever the clock ran out. The budget is a safety net only.
+        # A fixed step count, so the result does not depend on the machine's speed. On the
+        # noisy-answer understanding stage 30 steps gained +0.014, +0.079, +0.049 on seeds 0, 1, 2;
+        # 60 gained +0.120, +0.009, +0.067 but took 6.1 minutes on an idle 2-core CPU
+        # (benchmarks/README.md). The budget is a safety net only.
         train_minutes=6.0,
         max_steps=30,
     ),
@@ -140,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation rollouts")
     ap.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt or question")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default=None, help="model folder (default: the shipped ShapeWorld model)")
+    ap.add_argument(
+        "--model", default=None,
+        help="model folder (default: the shipped ShapeWorld model for --task; for understanding, its "
+        "noisy-answer understanding stage)",
+    )
     return ap
 
 

@@ -4,6 +4,11 @@ One :class:`DFMTransformer` for both ShapeWorld tasks — text-to-image on the m
 over the palette colours, understanding on the masked text path — pretrained by
 ``examples/shapeworld/pretrain.py``. ``SHAPEWORLD_DIR`` holds its ``config.json``,
 ``model.safetensors`` and tokenizer files.
+
+``SHAPEWORLD_UNDERSTANDING_DIR`` holds the same model after one more pretraining stage on both
+tasks with noisy answers (``--answer-noise 0.4``): it has seen every question type answered right
+most of the time and wrongly some of it, so it is imperfect the way RL sharpens, as the
+noisy-caption corpus makes the text-to-image base. ``task="understanding"`` loads it by default.
 """
 
 from __future__ import annotations
@@ -15,18 +20,21 @@ from transformers import PreTrainedTokenizerFast
 from ...models.dfm_transformer import DFMTransformer, Task
 
 SHAPEWORLD_DIR: Path = Path(__file__).resolve().parent / "assets"
+SHAPEWORLD_UNDERSTANDING_DIR: Path = SHAPEWORLD_DIR / "understanding"
 
-__all__ = ["SHAPEWORLD_DIR", "load_shapeworld_model"]
+__all__ = ["SHAPEWORLD_DIR", "SHAPEWORLD_UNDERSTANDING_DIR", "load_shapeworld_model"]
 
 
 def load_shapeworld_model(
     task: Task = "t2i", path: str | Path | None = None
 ) -> tuple[DFMTransformer, PreTrainedTokenizerFast]:
-    """``(model, tokenizer)`` of the shipped ShapeWorld DFM (or the one saved at ``path``), in eval
-    mode and switched to ``task`` (``"t2i"`` or ``"understanding"``). Reads local files only."""
+    """``(model, tokenizer)`` of the shipped ShapeWorld DFM for ``task`` (``"t2i"``: ``SHAPEWORLD_DIR``;
+    ``"understanding"``: ``SHAPEWORLD_UNDERSTANDING_DIR``), or of the one saved at ``path``, in
+    eval mode and switched to ``task``. Reads local files only."""
     if task not in ("t2i", "understanding"):
         raise ValueError(f"task must be 't2i' or 'understanding', got {task!r}")
-    folder = Path(path) if path is not None else SHAPEWORLD_DIR
+    default = SHAPEWORLD_DIR if task == "t2i" else SHAPEWORLD_UNDERSTANDING_DIR
+    folder = Path(path) if path is not None else default
     missing = [
         f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()
     ]
