@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from dflow_trl.cli import load_prompt_dataset, main
+from dflow_trl.cli import load_prompt_dataset, main, resolve_model_path
+from dflow_trl.tasks.shapeworld.pretrained import SHAPEWORLD_DIR, SHAPEWORLD_UNDERSTANDING_DIR
 
 from .tiny import tiny_recipe
 
@@ -76,3 +77,11 @@ def test_train_help_leads_with_the_flow_options_and_marks_unused_ones(capsys):
     assert out.index("--learning_rate") > rest
     temperature = out[out.index("--temperature") :]
     assert "[not used]" in temperature[: temperature.index("\n  --")]
+
+
+def test_builtin_model_resolves_to_the_shipped_weights_of_the_task(tmp_path):
+    assert resolve_model_path("shapeworld") == resolve_model_path(None, "t2i") == str(SHAPEWORLD_DIR)
+    assert resolve_model_path("shapeworld", "understanding") == str(SHAPEWORLD_UNDERSTANDING_DIR)
+    assert resolve_model_path(str(tmp_path), "understanding") == str(tmp_path)
+    with pytest.raises(ValueError, match="local folder"):
+        resolve_model_path(str(tmp_path / "missing"))
