@@ -111,9 +111,9 @@ def resolve_model_path(name: str | None, task: str | None = None) -> str:
     """The folder of ``name``: the shipped ShapeWorld model for a built-in name (its understanding
     stage when ``task`` is ``"understanding"``), else a local folder."""
     if name in (None, "", *BUILTIN_MODELS):
-        from .tasks.shapeworld.pretrained import SHAPEWORLD_DIR, SHAPEWORLD_UNDERSTANDING_DIR
+        from .tasks.shapeworld.pretrained import shipped_dir
 
-        return str(SHAPEWORLD_UNDERSTANDING_DIR if task == "understanding" else SHAPEWORLD_DIR)
+        return str(shipped_dir(task))
     if not os.path.isdir(name):
         raise ValueError(f"model {name!r} is not a local folder; models are never downloaded here")
     return name

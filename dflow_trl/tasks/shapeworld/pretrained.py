@@ -22,7 +22,13 @@ from ...models.dfm_transformer import DFMTransformer, Task
 SHAPEWORLD_DIR: Path = Path(__file__).resolve().parent / "assets"
 SHAPEWORLD_UNDERSTANDING_DIR: Path = SHAPEWORLD_DIR / "understanding"
 
-__all__ = ["SHAPEWORLD_DIR", "SHAPEWORLD_UNDERSTANDING_DIR", "load_shapeworld_model"]
+__all__ = ["SHAPEWORLD_DIR", "SHAPEWORLD_UNDERSTANDING_DIR", "load_shapeworld_model", "shipped_dir"]
+
+
+def shipped_dir(task: str | None = "t2i") -> Path:
+    """The folder of the shipped weights for ``task``: the understanding stage for
+    ``"understanding"``, the two-stage base otherwise."""
+    return SHAPEWORLD_UNDERSTANDING_DIR if task == "understanding" else SHAPEWORLD_DIR
 
 
 def load_shapeworld_model(
@@ -33,8 +39,7 @@ def load_shapeworld_model(
     eval mode and switched to ``task``. Reads local files only."""
     if task not in ("t2i", "understanding"):
         raise ValueError(f"task must be 't2i' or 'understanding', got {task!r}")
-    default = SHAPEWORLD_DIR if task == "t2i" else SHAPEWORLD_UNDERSTANDING_DIR
-    folder = Path(path) if path is not None else default
+    folder = Path(path) if path is not None else shipped_dir(task)
     missing = [
         f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()
     ]
