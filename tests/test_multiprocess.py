@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +15,22 @@ from .tiny import tiny_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _torchrun(*args: str) -> list[str]:
+    """Two local processes; ``--standalone`` lets the rendezvous pick a free port itself, where a port
+    chosen here and released could be taken before the launcher binds it."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+
+
+def _failure(proc: subprocess.CompletedProcess) -> str:
+    """The exit code, the tracebacks and error lines of every rank, and the output's tail: DDP's
+    per-rank warnings alone can fill the last few thousand characters of stderr."""
+    marker = re.compile(r"Error|Traceback|error:|exitcode|Signal")
+    errors = [ln for ln in proc.stderr.splitlines() if marker.search(ln)]
+    return (
+        f"exit code {proc.returncode}\n--- error lines ---\n"
+        + "\n".join(errors[-60:])
+        + f"\n--- stdout tail ---\n{proc.stdout[-1500:]}\n--- stderr tail ---\n{proc.stderr[-3000:]}"
+    )
 
 
 def test_two_processes_train_and_log_sample_images(tmp_path):
@@ -26,12 +38,9 @@ def test_two_processes_train_and_log_sample_images(tmp_path):
     joined that collective and the run died at its first log."""
     recipe = tiny_recipe(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), "-m", "dflow_trl.cli", "train", "--config", str(recipe),
-    ]  # fmt: skip
+    cmd = _torchrun("-m", "dflow_trl.cli", "train", "--config", str(recipe))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert proc.stdout.count("'loss'") + proc.stderr.count("'loss'") >= 2  # both logging steps ran
 
@@ -42,11 +51,8 @@ def test_two_processes_end_with_identical_parameters(tmp_path, mode):
     its text head, which DDP used to refuse as an unused parameter) and end with the same parameters
     on both ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(_free_port()), "-m", "tests.ddp_worker", str(tmp_path), mode,
-    ]  # fmt: skip
+    cmd = _torchrun("-m", "tests.ddp_worker", str(tmp_path), mode)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc)
     digests = [(tmp_path / f"params_rank{r}.sha256").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
