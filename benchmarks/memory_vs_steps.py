@@ -2,11 +2,13 @@
 
 A randomly initialised DFM of about 25M parameters in the shipped ShapeWorld layout (16×16 canvas,
 uniform-source metric path) trains on a micro-batch of B rollouts of K = 8 steps, with T of them
-trained (``num_train_steps_per_rollout``). For each T, with and without ``step_checkpointing``,
-it reports
+trained (``num_train_steps_per_rollout``). For each T and each mode — ``off`` (every step's graph
+waits for TRL's single backward), ``step_backward`` (``step_checkpointing=True`` on-policy without
+KL: each step backpropagated right after its forward) and ``recompute`` (``step_checkpointing=True``
+where that does not apply: each step's forward recomputed in backward) — it reports
 
-* ``saved_MB``: bytes autograd keeps for backward during the loss's forward (deduplicated by
-  storage; this is what grows with T when every step's graph waits for TRL's single backward);
+* ``held_MB``: bytes of tensors saved for backward (outside checkpoints) still held when the loss
+  is returned, deduplicated by storage: what grows with T when every step's graph waits;
 * ``peak_MB``: the process's peak resident memory over the loss forward + backward, minus the
   resident memory after the rollout (each setting runs in a fresh subprocess);
 * ``seconds`` and ``floor_ratio``: wall time of loss forward + backward, and its ratio to T bare
@@ -36,7 +38,13 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def measure(steps: int, checkpointing: bool, batch: int, hidden: int, layers: int, reps: int) -> dict:
+MODES = ("off", "step_backward", "recompute")
+
+
+def measure(steps: int, mode: str, batch: int, hidden: int, layers: int, reps: int) -> dict:
+    import gc
+    import weakref
+
     from datasets import Dataset
 
     from dflow_trl.models import DFMTransformer, DFMTransformerConfig
@@ -54,13 +62,15 @@ def measure(steps: int, checkpointing: bool, batch: int, hidden: int, layers: in
         output_dir="/tmp/memory_vs_steps", use_cpu=True, bf16=False, gradient_checkpointing=False,
         per_device_train_batch_size=batch, num_generations=batch, max_steps=1, num_flow_steps=8,
         estimator="top_k", top_k_size=4, num_mc_samples=4, train_steps="all",
-        num_train_steps_per_rollout=steps, step_checkpointing=checkpointing, report_to="none", seed=0,
+        num_train_steps_per_rollout=steps, step_checkpointing=mode != "off", report_to="none", seed=0,
     )  # fmt: skip
     row = {"prompt": "a photo of a red square"}
     trainer = DFlowGRPOTrainer(
         model=model, reward_funcs=lambda prompts, **kw: [float(i) for i in range(len(prompts))], args=args,
         train_dataset=Dataset.from_list([row]), processing_class=tok,
     )  # fmt: skip
+    if mode == "recompute":
+        trainer._step_gradients = lambda *a: None
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
     inputs = trainer._generate_and_score_completions([row] * batch)
@@ -71,17 +81,18 @@ def measure(steps: int, checkpointing: bool, batch: int, hidden: int, layers: in
         trainer.model.zero_grad(set_to_none=True)
         trainer.compute_loss(trainer.model, inputs).backward()
 
-    seen: dict[tuple[int, int], int] = {}
+    saved: list[tuple[weakref.ref, int]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        saved.append((weakref.ref(t), t.untyped_storage().nbytes()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = trainer.compute_loss(trainer.model, inputs)
-    saved = sum(seen.values()) / 2**20
-    del loss
+    gc.collect()
+    held = {t.untyped_storage().data_ptr(): n for ref, n in saved if (t := ref()) is not None}
+    held_mb = sum(held.values()) / 2**20
+    del loss, held
     loss_step()  # warm-up
     grads = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
     t0 = time.perf_counter()
@@ -99,8 +110,8 @@ def measure(steps: int, checkpointing: bool, batch: int, hidden: int, layers: in
     floor = (time.perf_counter() - t0) / reps
     n_params = sum(p.numel() for p in model.parameters())
     return {
-        "T": steps, "step_checkpointing": checkpointing, "params_M": round(n_params / 1e6, 1), "batch": batch,
-        "saved_MB": round(saved, 1), "peak_MB": round(peak, 1), "seconds": round(seconds, 3),
+        "T": steps, "mode": mode, "params_M": round(n_params / 1e6, 1), "batch": batch,
+        "held_MB": round(held_mb, 1), "peak_MB": round(peak, 1), "seconds": round(seconds, 3),
         "floor_ratio": round(seconds / floor, 2), "grad_norm": grads.norm().item(),
     }  # fmt: skip
 
@@ -113,16 +124,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--one", nargs=2, metavar=("T", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--one", nargs=2, metavar=("T", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:  # a single setting, in this fresh process, so that its peak memory is its own
-        print(json.dumps(measure(int(a.one[0]), a.one[1] == "1", a.batch, a.hidden, a.layers, a.reps)))
+        print(json.dumps(measure(int(a.one[0]), a.one[1], a.batch, a.hidden, a.layers, a.reps)))
         return
     rows = []
     for steps in a.steps:
-        for ckpt in (False, True):
+        for mode in a.modes:
             cmd = [
-                sys.executable, __file__, "--one", str(steps), "1" if ckpt else "0", "--batch", str(a.batch),
+                sys.executable, __file__, "--one", str(steps), mode, "--batch", str(a.batch),
                 "--hidden", str(a.hidden), "--layers", str(a.layers), "--reps", str(a.reps),
             ]  # fmt: skip
             out = (
@@ -132,14 +144,14 @@ def main() -> None:
             )
             rows.append(json.loads(out))
             print(out, flush=True)
-    base = {r["step_checkpointing"]: r for r in rows if r["T"] == min(a.steps)}
+    first = {r["mode"]: r for r in rows if r["T"] == min(a.steps)}
     lines = [
-        "| T | step_checkpointing | saved MB | peak MB | × T=min peak | s per micro-batch | × floor |",
+        "| T | mode | held MB | peak MB | × T=min peak (same mode) | s per micro-batch | × floor |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        ratio = r["peak_MB"] / max(base[r["step_checkpointing"]]["peak_MB"], 1e-9)
-        cells = [r["T"], r["step_checkpointing"], r["saved_MB"], r["peak_MB"], f"{ratio:.2f}"]
+        ratio = r["peak_MB"] / max(first[r["mode"]]["peak_MB"], 1e-9)
+        cells = [r["T"], r["mode"], r["held_MB"], r["peak_MB"], f"{ratio:.2f}"]
         cells += [r["seconds"], r["floor_ratio"]]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     print("\n".join(lines))

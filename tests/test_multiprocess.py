@@ -45,11 +45,11 @@ def test_two_processes_train_and_log_sample_images(tmp_path):
     assert proc.stdout.count("'loss'") + proc.stderr.count("'loss'") >= 2  # both logging steps ran
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["full", "lora", "lora_step_backward"])
 def test_two_processes_end_with_identical_parameters(tmp_path, mode):
     """Full-model and LoRA DDP runs with TRL's default gradient checkpointing train (a t2i DFM never uses
     its text head, which DDP used to refuse as an unused parameter) and end with the same parameters
-    on both ranks."""
+    on both ranks, also when each trained step is backpropagated at once (``step_checkpointing``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = _torchrun("-m", "tests.ddp_worker", str(tmp_path), mode)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

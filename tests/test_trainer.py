@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc as garbage
 import hashlib
 import inspect
 import math
 import os
+import weakref
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from peft import LoraConfig
 from trl import GRPOTrainer
 
 from dflow_trl import DFlowGRPOConfig, DFlowGRPOTrainer
+from dflow_trl.trainer.flow_batch import FlowBatch
 
 from .tiny import IMAGE_VOCAB, count_reward, prompt_dataset, tiny_model, tiny_tokenizer
 
@@ -690,28 +693,37 @@ def test_rewards_that_are_all_none_warn(tmp_path):
 
 
 def _loss_gradients(trainer, inputs) -> tuple[torch.Tensor, int]:
-    """Gradient of the GRPO loss on ``inputs`` and the bytes autograd saved outside checkpoints."""
+    """Gradient of the GRPO loss on ``inputs``, and the bytes of tensors saved for backward (outside
+    checkpoints) that are still held when the loss is returned, i.e. what waits for TRL's backward."""
     trainer.model.zero_grad(set_to_none=True)
-    seen: dict[tuple[int, int], int] = {}
+    saved: list[tuple[weakref.ref, int]] = []
 
     def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())] = t.untyped_storage().nbytes()
+        saved.append((weakref.ref(t), t.untyped_storage().nbytes()))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = trainer.compute_loss(trainer.model, inputs)
+    garbage.collect()
+    held = {}
+    for ref, nbytes in saved:
+        t = ref()
+        if t is not None:
+            held[t.untyped_storage().data_ptr()] = nbytes
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
-    return grads, sum(seen.values())
+    return grads, sum(held.values())
 
 
 _LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["step_backward", "recompute"])
 @pytest.mark.parametrize(("peft", "cfg"), [(None, 0.0), (_LORA, 2.0)])
-def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, peft, cfg):
+def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, peft, cfg, recompute):
     """Same rollouts, same loss: identical gradients; the graph kept for backward no longer grows
-    with the number of trained steps (only each step's (B,) log-probability is kept)."""
+    with the number of trained steps (only each step's (B,) log-probability is kept). On-policy
+    without KL each step is backpropagated at once; otherwise its forward is recomputed in backward."""
     trainer = make_trainer(
         tmp_path, path="uniform", estimator="top_k", peft=peft, cfg_scale=cfg, train_steps="all"
     )
@@ -720,13 +732,44 @@ def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, 
     inputs = trainer._generate_and_score_completions([{"prompt": p} for p in ["a red square"] * 4])
     plain, plain_saved = _loss_gradients(trainer, inputs)
     trainer.args.step_checkpointing = True
+    used = []
+    original = trainer._step_gradients
+
+    def spy(*a):
+        store = None if recompute else original(*a)
+        used.append(store is not None)
+        return store
+
+    trainer._step_gradients = spy
     ckpt, ckpt_saved = _loss_gradients(trainer, inputs)
+    assert used == [not recompute]
     torch.testing.assert_close(ckpt, plain, atol=1e-6, rtol=1e-5)
     one_step = {k: v[:, :1] if k == "flow_step_index" else v for k, v in inputs.items()}
     _, ckpt_saved_one = _loss_gradients(trainer, one_step)
     assert inputs["flow_step_index"].shape[1] == 4
     assert ckpt_saved < 0.1 * plain_saved
     assert ckpt_saved <= 2 * ckpt_saved_one + 4096
+
+
+def test_step_backward_needs_a_gradient_that_ignores_the_values(tmp_path):
+    """With a KL term ``∂L/∂ℓ`` depends on ℓ, so each step's forward is recomputed instead (same
+    gradients); and a backward that does not bring the gradient read before the steps fails loudly."""
+    trainer = make_trainer(tmp_path, path="uniform", estimator="top_k", train_steps="all")
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions([{"prompt": p} for p in ["a red square"] * 4])
+    trainer.args.step_checkpointing = True
+    trainer._flow_batch, trainer._loss_inputs = FlowBatch.from_dict(inputs), inputs
+    probe = torch.zeros(4, inputs["completion_ids"].shape[1])
+    assert trainer._step_gradients(trainer.model, probe) is not None
+    trainer.beta = 0.1
+    assert trainer._step_gradients(trainer.model, probe) is None
+    trainer.beta = 0.0
+    store = trainer._step_gradients(trainer.model, probe)
+    trainer._flow_batch, trainer._loss_inputs = None, None
+    out = store.attach(probe)
+    with pytest.raises(RuntimeError, match="step_checkpointing=False"):
+        (out * torch.rand_like(out)).sum().backward()
 
 
 def test_time_power_grid_is_used_by_rollouts_and_scoring(tmp_path):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import warnings
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from .config import DFlowGRPOConfig
 from .ema import EMA_STATE_NAME, EMACallback, ParameterEMA
 from .flow_batch import FlowBatch
 from .model_card import flow_model_card
+from .step_backward import StepGradients
 
 _CITATION = """\
 @article{wan2026dflowgrpo,
@@ -173,6 +175,10 @@ class DFlowGRPOTrainer(GRPOTrainer):
         # TRL generates, completed by `_generate` and `_calculate_rewards`, rebuilt from TRL's buffer in
         # `compute_loss`; None in between.
         self._flow_batch: FlowBatch | None = None
+        # TRL's batch dict while its loss runs, and the probe its nested evaluation reads
+        # (step_checkpointing without recompute).
+        self._loss_inputs: dict[str, Any] | None = None
+        self._probe: torch.Tensor | None = None
         self._images_to_log: list[Any] = []
         self._baseline_stats: dict[int, list[float]] = {}
         # dr_grpo normalises by max_completion_length: here, the number of trained steps per rollout.
@@ -476,11 +482,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
             # A = 0: the loss term is 0 whatever the log-probability, so those rows keep TRL's old one
             # (ratio 1), or 0 when TRL keeps none.
             flow.skip_log_probs = inputs.get("old_per_token_logps")
-        self._flow_batch = flow
+        self._flow_batch, self._loss_inputs = flow, inputs
         try:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
-            self._flow_batch = None
+            self._flow_batch, self._loss_inputs = None, None
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -488,6 +494,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
     ):
         """Per-step ``log π̂_θ(x_{k+1} | x_k)`` (``(B, T)``, aggregated over the canvas) for the trained
         steps."""
+        if self._probe is not None:
+            return self._probe, torch.zeros_like(self._probe), None
         flow = self._flow_batch
         if flow is None or flow.trajectory is None or flow.batch_size != input_ids.shape[0]:
             raise RuntimeError("DFlowGRPOTrainer: no trajectory matches this batch (internal error)")
@@ -506,6 +514,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 entropies[skip, :t_steps] = traj.entropy[skip].gather(1, step_index[skip]).to(entropies.dtype)
         if skip is not None:
             self._metrics[mode]["flow/skipped_frac"].append(skip.float().mean().item())
+        store = (
+            self._step_gradients(model, logps)
+            if self.args.step_checkpointing and torch.is_grad_enabled()
+            else None
+        )
         for k in step_index.unique().tolist():
             sel = (step_index == k).nonzero()
             if skip is not None:
@@ -520,7 +533,11 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 score = functools.partial(
                     self._score_step, model, batch, record, t, h, t_in, cfg, compute_entropy
                 )
-                if self.args.step_checkpointing and torch.is_grad_enabled():
+                if store is not None:
+                    agg, ent = score()
+                    store.add(agg, store.weights[i, j])
+                    agg = agg.detach()
+                elif self.args.step_checkpointing and torch.is_grad_enabled():
                     # Keep only this step's (B,) log-probability for the loss; its forward is recomputed
                     # during backward, so memory does not grow with the number of trained steps.
                     agg, ent = torch.utils.checkpoint.checkpoint(score, use_reentrant=False)
@@ -543,7 +560,38 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 "the posterior gave zero probability to a realised transition; "
                 "check that the model's logits are finite and that temperature/CFG match the rollouts"
             )
+        if store is not None:
+            logps = store.attach(logps)
         return logps, (entropies if compute_entropy else None), None
+
+    def _step_gradients(self, model: Any, logps: torch.Tensor) -> StepGradients | None:
+        """Step-by-step backward for ``step_checkpointing`` when TRL's ``G = ∂L/∂ℓ`` does not depend on
+        the log-probabilities' values (on-policy, no KL), with ``G`` read from TRL's
+        own loss at a probe; None where each step's forward must be recomputed in backward instead."""
+        args, inputs = self.args, self._loss_inputs
+        reentrant = args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get(
+            "use_reentrant"
+        )
+        if (
+            inputs is None
+            or self.beta != 0
+            or inputs.get("old_per_token_logps") is not None
+            or self.top_entropy_quantile < 1
+            or args.use_adaptive_entropy
+            or reentrant  # reentrant checkpoints cannot take torch.autograd.grad
+        ):
+            return None
+        probe = torch.zeros_like(logps, requires_grad=True)
+        # TRL's loss logs (and gathers) metrics: on every rank alike, but into a scratch buffer.
+        metrics, self._metrics = self._metrics, {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._probe = probe
+        try:
+            loss = GRPOTrainer._compute_loss(self, model, inputs)
+        finally:
+            self._probe, self._metrics = None, metrics
+        (weights,) = torch.autograd.grad(loss, probe, allow_unused=True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return StepGradients(params, torch.zeros_like(probe) if weights is None else weights)
 
     def _zero_advantage_rows(self, flow: FlowBatch, advantages: torch.Tensor | None) -> torch.Tensor | None:
         """``(B,)`` rows whose advantages are 0 at every step, when no loss term but ``A · (…)`` sees
