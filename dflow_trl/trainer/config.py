@@ -94,11 +94,13 @@ class DFlowGRPOConfig(GRPOConfig):
             ``ema/`` (the averaged weights, loadable like the main ones) and ``evaluate`` runs with
             ``θ̄``. Flow-GRPO uses ``d = 0.9`` every 8 steps.
         ema_update_interval: optimizer steps between EMA updates.
-        step_checkpointing: activation checkpointing per denoising step. The loss keeps only each
-            trained step's ``(B,)`` log-probability and recomputes the step's forward during backward,
-            so a micro-batch's memory no longer grows with the number of trained steps T (without it
-            every step's graph, ``(B, D, V)`` log-posterior included, lives until TRL's single
-            backward). Costs one more forward per trained step; gradients are unchanged.
+        step_checkpointing: memory flat in the number of trained steps T (without it every step's
+            graph, ``(B, D, V)`` log-posterior included, lives until TRL's single backward); gradients
+            are unchanged. On-policy without KL (``num_iterations=1``, ``beta=0``, no entropy mask),
+            TRL's ``∂L/∂ℓ`` does not depend on the step log-probabilities ``ℓ``, so it is read first
+            and each step is backpropagated right after its forward, at no extra compute
+            (``trainer/step_backward.py``); otherwise each step's forward is recomputed during
+            backward (one more forward per step).
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.
         step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
@@ -186,7 +188,10 @@ class DFlowGRPOConfig(GRPOConfig):
     )
     step_checkpointing: bool = field(
         default=False,
-        metadata={"help": "Recompute each trained step's forward in backward: memory flat in trained steps."},
+        metadata={
+            "help": "Memory flat in trained steps: backpropagate each step at once (on-policy, no KL) or "
+            "recompute its forward in backward."
+        },
     )
     num_train_steps_per_rollout: int | None = field(
         default=None, metadata={"help": "Random subset of trained steps per rollout (None: all)."}

@@ -42,8 +42,12 @@ class StepGradients:
             step_log_probs, self.params, grad_outputs=weights.to(step_log_probs.dtype), allow_unused=True
         )
         for n, part in enumerate(parts):
-            if part is not None:
-                self.grads[n] = part if self.grads[n] is None else self.grads[n] + part
+            if part is None:
+                continue
+            if self.grads[n] is None:
+                self.grads[n] = part
+            else:
+                self.grads[n].add_(part)
 
     def attach(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` (the ``(B, T)`` log-probabilities, detached) as a tensor whose backward deposits the

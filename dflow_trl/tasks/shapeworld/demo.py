@@ -65,7 +65,12 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         num_generations=8,
         per_device_train_batch_size=32,
         learning_rate=2e-3,
-        num_flow_steps=4,
+        # Rollouts at K = 2, evaluation at K = 4: a 2-token answer needs few steps, and 60 steps at K = 2
+        # train in less time than 30 at K = 4 (168 s against 190 s side by side, one thread each) and
+        # gained +0.095, +0.102, +0.058 on seeds 0, 1, 2 (mean +0.085) where 30 at K = 4 gained +0.014,
+        # +0.079, +0.049. More is not better at this learning rate: 90 steps at K = 2 gained +0.000 and
+        # 150 at K = 1 +0.060 on seed 0, position answers falling (benchmarks/README.md).
+        num_flow_steps=2,
         eval_steps=4,
         eval_per_tag=0,
         # 240 held-out questions × 4 samples: standard error about 0.022, where one sample left 0.031.
@@ -73,12 +78,10 @@ DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
         estimator="exact",
         reward="shapeworld_answer",
         lora_r=16,
-        # A fixed step count, so the result does not depend on the machine's speed. On the
-        # noisy-answer understanding stage 30 steps gained +0.014, +0.079, +0.049 on seeds 0, 1, 2;
-        # 60 gained +0.120, +0.009, +0.067 but took 6.1 minutes on an idle 2-core CPU
-        # (benchmarks/README.md). The budget is a safety net only.
+        # A fixed step count, so the result does not depend on the machine's speed. The budget is a
+        # safety net only.
         train_minutes=6.0,
-        max_steps=30,
+        max_steps=60,
     ),
 }
 
@@ -138,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="understanding split: disjoint questions of one distribution, or questions about "
         "combinations no training scene shows (docs/shapeworld.md)",
     )
+    ap.add_argument(
+        "--flow-steps", dest="num_flow_steps", type=int, default=None,
+        help="denoising steps K of training rollouts (DFlowGRPOConfig.num_flow_steps)",
+    )  # fmt: skip
     ap.add_argument("--eval-steps", type=int, default=None, help="Euler steps of evaluation rollouts")
     ap.add_argument("--eval-samples", type=int, default=None, help="samples per held-out prompt or question")
     ap.add_argument("--seed", type=int, default=0)
@@ -394,7 +401,7 @@ def run(args: argparse.Namespace, base: dict[str, Any] | None = None) -> dict[st
     overridable = (
         "train_minutes", "max_steps", "learning_rate", "estimator", "rollout_branching", "step_baseline",
         "step_baseline_lambda", "time_power", "reward", "eval_per_tag", "eval_steps", "eval_samples",
-        "lora_r", "num_train_steps_per_rollout", "shared_source", "step_baseline_rollouts",
+        "lora_r", "num_train_steps_per_rollout", "shared_source", "step_baseline_rollouts", "num_flow_steps",
     )  # fmt: skip
     for key in overridable:
         if getattr(args, key, None) is not None:
