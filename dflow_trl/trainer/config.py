@@ -99,7 +99,9 @@ class DFlowGRPOConfig(GRPOConfig):
             are unchanged. On-policy without KL (``num_iterations=1``, ``beta=0``, no entropy mask),
             TRL's ``∂L/∂ℓ`` does not depend on the step log-probabilities ``ℓ``, so it is read first
             and each step is backpropagated right after its forward, at no extra compute
-            (``trainer/step_backward.py``); otherwise each step's forward is recomputed during
+            (``trainer/step_backward.py``; with full fine-tuning it holds one more copy of the
+            gradients). Otherwise — KL, several iterations per batch, an entropy mask, FSDP or
+            ZeRO-3, reentrant gradient checkpointing — each step's forward is recomputed during
             backward (one more forward per step).
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.

@@ -564,6 +564,13 @@ class DFlowGRPOTrainer(GRPOTrainer):
             logps = store.attach(logps)
         return logps, (entropies if compute_entropy else None), None
 
+    def _shards_parameters(self) -> bool:
+        """FSDP or DeepSpeed ZeRO-3, whose parameters are gathered only around each forward."""
+        if getattr(self, "is_fsdp_enabled", False):
+            return True
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(getattr(self, "is_deepspeed_enabled", False) and plugin and plugin.zero_stage == 3)
+
     def _step_gradients(self, model: Any, logps: torch.Tensor) -> StepGradients | None:
         """Step-by-step backward for ``step_checkpointing`` when TRL's ``G = ∂L/∂ℓ`` does not depend on
         the log-probabilities' values (on-policy, no KL), with ``G`` read from TRL's
@@ -579,6 +586,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
             or self.top_entropy_quantile < 1
             or args.use_adaptive_entropy
             or reentrant  # reentrant checkpoints cannot take torch.autograd.grad
+            or self._shards_parameters()  # the gradients would be taken of shards, not of what ran
         ):
             return None
         probe = torch.zeros_like(logps, requires_grad=True)
