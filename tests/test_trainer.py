@@ -751,9 +751,35 @@ def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, 
     assert ckpt_saved <= 2 * ckpt_saved_one + 4096
 
 
-def test_step_backward_needs_a_gradient_that_ignores_the_values(tmp_path):
-    """With a KL term ``∂L/∂ℓ`` depends on ℓ, so each step's forward is recomputed instead (same
-    gradients); and a backward that does not bring the gradient read before the steps fails loudly."""
+@pytest.mark.parametrize("setting", ["kl", "off_policy"])
+def test_step_backward_reads_each_steps_gradient_at_its_value(tmp_path, setting):
+    """With a KL term, or TRL's old log-probabilities from before an update (ratios ≠ 1, some
+    clipped), ``∂L/∂ℓ`` depends on ℓ: each step's is read at its own value, and the gradients still
+    equal those of the loss with every step's graph kept."""
+    trainer = make_trainer(tmp_path, path="uniform", estimator="top_k", train_steps="all", epsilon=0.05)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
+    inputs = trainer._generate_and_score_completions([{"prompt": p} for p in ["a red square"] * 4])
+    shape = inputs["completion_ids"].shape
+    if setting == "kl":
+        trainer.beta = 0.3
+        inputs["ref_per_token_logps"] = -3.0 + 0.5 * torch.randn(shape)
+    else:
+        inputs["old_per_token_logps"] = -2.0 + 0.5 * torch.randn(shape)
+    plain, _ = _loss_gradients(trainer, inputs)
+    trainer.args.step_checkpointing = True
+    used = []
+    original = trainer._step_gradients
+    trainer._step_gradients = lambda *a: used.append(original(*a)) or used[-1]
+    stepped, _ = _loss_gradients(trainer, inputs)
+    assert used and used[0] is not None
+    torch.testing.assert_close(stepped, plain, atol=1e-6, rtol=1e-5)
+    assert plain.abs().max() > 0
+
+
+def test_step_backward_refuses_cross_step_losses(tmp_path):
+    """Sequence-level ratios couple the steps, so each step's forward is recomputed instead; and a
+    backward that does not bring the gradient read step by step fails loudly."""
     trainer = make_trainer(tmp_path, path="uniform", estimator="top_k", train_steps="all")
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1
@@ -761,12 +787,12 @@ def test_step_backward_needs_a_gradient_that_ignores_the_values(tmp_path):
     trainer.args.step_checkpointing = True
     trainer._flow_batch, trainer._loss_inputs = FlowBatch.from_dict(inputs), inputs
     probe = torch.zeros(4, inputs["completion_ids"].shape[1])
-    assert trainer._step_gradients(trainer.model, probe) is not None
-    trainer.beta = 0.1
+    trainer.importance_sampling_level = "sequence"
     assert trainer._step_gradients(trainer.model, probe) is None
-    trainer.beta = 0.0
+    trainer.importance_sampling_level = "token"
     store = trainer._step_gradients(trainer.model, probe)
     trainer._flow_batch, trainer._loss_inputs = None, None
+    store.weights, store.visited[:] = torch.rand_like(probe), True
     out = store.attach(probe)
     with pytest.raises(RuntimeError, match="step_checkpointing=False"):
         (out * torch.rand_like(out)).sum().backward()

@@ -96,13 +96,13 @@ class DFlowGRPOConfig(GRPOConfig):
         ema_update_interval: optimizer steps between EMA updates.
         step_checkpointing: memory flat in the number of trained steps T (without it every step's
             graph, ``(B, D, V)`` log-posterior included, lives until TRL's single backward); gradients
-            are unchanged. On-policy without KL (``num_iterations=1``, ``beta=0``, no entropy mask),
-            TRL's ``∂L/∂ℓ`` does not depend on the step log-probabilities ``ℓ``, so it is read first
-            and each step is backpropagated right after its forward, at no extra compute
-            (``trainer/step_backward.py``; with full fine-tuning it holds one more copy of the
-            gradients). Otherwise — KL, several iterations per batch, an entropy mask, FSDP or
-            ZeRO-3, reentrant gradient checkpointing — each step's forward is recomputed during
-            backward (one more forward per step).
+            are unchanged. With token-level ratios (TRL's default; KL and clipping are per token too)
+            each step is backpropagated right after its forward with ``∂L/∂ℓ`` read from TRL's loss
+            at its value, at no extra compute (``trainer/step_backward.py``; with full fine-tuning
+            it holds one more copy of the gradients). Where steps are coupled — sequence-level
+            ratios, an entropy mask, adaptive entropy, VESPO, the off-policy mask — or under FSDP,
+            ZeRO-3 or reentrant gradient checkpointing, each step's forward is recomputed during
+            backward instead (one more forward per step).
         num_train_steps_per_rollout: train a random subset of this many steps per rollout (cuts the
             backward cost); ``None`` trains all selected steps.
         step_aggregation: per-step log-ratio over canvas positions: ``"mean"`` (geometric mean, the
@@ -191,8 +191,8 @@ class DFlowGRPOConfig(GRPOConfig):
     step_checkpointing: bool = field(
         default=False,
         metadata={
-            "help": "Memory flat in trained steps: backpropagate each step at once (on-policy, no KL) or "
-            "recompute its forward in backward."
+            "help": "Memory flat in trained steps: backpropagate each step at once (token-level ratios) "
+            "or recompute its forward in backward."
         },
     )
     num_train_steps_per_rollout: int | None = field(

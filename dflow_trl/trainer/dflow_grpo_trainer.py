@@ -535,7 +535,7 @@ class DFlowGRPOTrainer(GRPOTrainer):
                 )
                 if store is not None:
                     agg, ent = score()
-                    store.add(agg, store.weights[i, j])
+                    store.add(agg, i, j)
                     agg = agg.detach()
                 elif self.args.step_checkpointing and torch.is_grad_enabled():
                     # Keep only this step's (B,) log-probability for the loss; its forward is recomputed
@@ -572,34 +572,50 @@ class DFlowGRPOTrainer(GRPOTrainer):
         return bool(getattr(self, "is_deepspeed_enabled", False) and plugin and plugin.zero_stage == 3)
 
     def _step_gradients(self, model: Any, logps: torch.Tensor) -> StepGradients | None:
-        """Step-by-step backward for ``step_checkpointing`` when TRL's ``G = ∂L/∂ℓ`` does not depend on
-        the log-probabilities' values (on-policy, no KL), with ``G`` read from TRL's
-        own loss at a probe; None where each step's forward must be recomputed in backward instead."""
+        """Step-by-step backward for ``step_checkpointing`` where TRL's ``∂L/∂ℓ_{b,j}`` depends on
+        ``ℓ_{b,j}`` alone (token-level ratios, no entropy mask or other cross-step term), read from
+        TRL's own loss at a probe; None where each step's forward is recomputed in backward instead."""
         args, inputs = self.args, self._loss_inputs
         reentrant = args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get(
             "use_reentrant"
         )
         if (
             inputs is None
-            or self.beta != 0
-            or inputs.get("old_per_token_logps") is not None
+            or self.importance_sampling_level != "token"
+            or self.loss_type == "vespo"  # sequence-level weights
+            or self.off_policy_mask_threshold is not None  # a sequence-level mask
             or self.top_entropy_quantile < 1
             or args.use_adaptive_entropy
             or reentrant  # reentrant checkpoints cannot take torch.autograd.grad
             or self._shards_parameters()  # the gradients would be taken of shards, not of what ran
         ):
             return None
-        probe = torch.zeros_like(logps, requires_grad=True)
-        # TRL's loss logs (and gathers) metrics: on every rank alike, but into a scratch buffer.
+        values = logps.detach().clone()
+        old = inputs.get("old_per_token_logps")
+        if old is not None:
+            # Ratio 1 where a step is not yet known: finite, whatever the loss.
+            values = old[:, : values.shape[1]].detach().clone().to(values.dtype)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return StepGradients(params, functools.partial(self._loss_gradient_at, model, inputs), values)
+
+    def _loss_gradient_at(self, model: Any, inputs: dict[str, Any], values: torch.Tensor) -> torch.Tensor:
+        """``∂L/∂ℓ`` of TRL's loss at ``ℓ = values``. TRL's loss logs metrics and gathers them; here
+        they go to a scratch buffer and the collectives act locally, since ranks may probe a different
+        number of times."""
+        probe = values.detach().clone().requires_grad_(True)
+        acc = self.accelerator
         metrics, self._metrics = self._metrics, {"train": defaultdict(list), "eval": defaultdict(list)}
         self._probe = probe
+        acc.gather = acc.gather_for_metrics = lambda t, *a, **k: t
+        acc.reduce = lambda t, *a, **k: t
         try:
             loss = GRPOTrainer._compute_loss(self, model, inputs)
         finally:
             self._probe, self._metrics = None, metrics
-        (weights,) = torch.autograd.grad(loss, probe, allow_unused=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        return StepGradients(params, torch.zeros_like(probe) if weights is None else weights)
+            for name in ("gather", "gather_for_metrics", "reduce"):
+                acc.__dict__.pop(name, None)
+        (grad,) = torch.autograd.grad(loss, probe, allow_unused=True)
+        return torch.zeros_like(probe) if grad is None else grad
 
     def _zero_advantage_rows(self, flow: FlowBatch, advantages: torch.Tensor | None) -> torch.Tensor | None:
         """``(B,)`` rows whose advantages are 0 at every step, when no loss term but ``A · (…)`` sees
