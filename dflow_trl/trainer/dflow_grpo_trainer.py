@@ -603,17 +603,19 @@ class DFlowGRPOTrainer(GRPOTrainer):
         they go to a scratch buffer and the collectives act locally, since ranks may probe a different
         number of times."""
         probe = values.detach().clone().requires_grad_(True)
-        acc = self.accelerator
+        acc, collectives = self.accelerator, ("gather", "gather_for_metrics", "reduce")
+        shadowed = {name: acc.__dict__[name] for name in collectives if name in acc.__dict__}
         metrics, self._metrics = self._metrics, {"train": defaultdict(list), "eval": defaultdict(list)}
         self._probe = probe
-        acc.gather = acc.gather_for_metrics = lambda t, *a, **k: t
-        acc.reduce = lambda t, *a, **k: t
+        for name in collectives:
+            setattr(acc, name, lambda t, *a, **k: t)
         try:
             loss = GRPOTrainer._compute_loss(self, model, inputs)
         finally:
             self._probe, self._metrics = None, metrics
-            for name in ("gather", "gather_for_metrics", "reduce"):
+            for name in collectives:
                 acc.__dict__.pop(name, None)
+            acc.__dict__.update(shadowed)
         (grad,) = torch.autograd.grad(loss, probe, allow_unused=True)
         return torch.zeros_like(probe) if grad is None else grad
 
