@@ -172,9 +172,6 @@ def train(argv: list[str] | None = None) -> int:
     trainer.create_model_card(dataset_name=script_args.dataset_name)
     if training_args.push_to_hub or script_args.push_adapter_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    # Under torchrun, a process group left to interpreter teardown can abort a rank at exit
-    # ("terminate called without an active exception") after training succeeded.
-    trainer.accelerator.end_training()
     return 0
 
 

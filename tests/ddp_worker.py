@@ -44,7 +44,6 @@ def main(out: str, mode: str) -> None:
         digest.update(name.encode() + p.detach().cpu().numpy().tobytes())
     rank = int(os.environ.get("RANK", "0"))
     Path(out, f"params_rank{rank}.sha256").write_text(digest.hexdigest())
-    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
