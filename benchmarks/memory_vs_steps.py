@@ -3,9 +3,9 @@
 A randomly initialised DFM of about 25M parameters in the shipped ShapeWorld layout (16×16 canvas,
 uniform-source metric path) trains on a micro-batch of B rollouts of K = 8 steps, with T of them
 trained (``num_train_steps_per_rollout``). For each T and each mode — ``off`` (every step's graph
-waits for TRL's single backward), ``step_backward`` (``step_checkpointing=True`` on-policy without
-KL: each step backpropagated right after its forward) and ``recompute`` (``step_checkpointing=True``
-where that does not apply: each step's forward recomputed in backward) — it reports
+waits for TRL's single backward), ``step_backward`` (``step_checkpointing=True`` with token-level
+ratios: each step backpropagated right after its forward) and ``recompute`` (``step_checkpointing=True``
+where a loss couples the steps, forced here: each step's forward recomputed in backward) — it reports
 
 * ``held_MB``: bytes of tensors saved for backward (outside checkpoints) still held when the loss
   is returned, deduplicated by storage: what grows with T when every step's graph waits;

@@ -722,8 +722,9 @@ _LORA = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
 @pytest.mark.parametrize(("peft", "cfg"), [(None, 0.0), (_LORA, 2.0)])
 def test_step_checkpointing_keeps_gradients_and_frees_the_step_graphs(tmp_path, peft, cfg, recompute):
     """Same rollouts, same loss: identical gradients; the graph kept for backward no longer grows
-    with the number of trained steps (only each step's (B,) log-probability is kept). On-policy
-    without KL each step is backpropagated at once; otherwise its forward is recomputed in backward."""
+    with the number of trained steps (only each step's (B,) log-probability is kept), whether each
+    step is backpropagated at once (the default where ratios are per token) or its forward is
+    recomputed in backward (where a loss couples the steps; forced here)."""
     trainer = make_trainer(
         tmp_path, path="uniform", estimator="top_k", peft=peft, cfg_scale=cfg, train_steps="all"
     )

@@ -175,8 +175,8 @@ class DFlowGRPOTrainer(GRPOTrainer):
         # TRL generates, completed by `_generate` and `_calculate_rewards`, rebuilt from TRL's buffer in
         # `compute_loss`; None in between.
         self._flow_batch: FlowBatch | None = None
-        # TRL's batch dict while its loss runs, and the probe its nested evaluation reads
-        # (step_checkpointing without recompute).
+        # TRL's batch dict while its loss runs, and the probe a nested evaluation of that loss reads
+        # (step_checkpointing's step-by-step backward).
         self._loss_inputs: dict[str, Any] | None = None
         self._probe: torch.Tensor | None = None
         self._images_to_log: list[Any] = []
