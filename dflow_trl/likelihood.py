@@ -99,6 +99,26 @@ def estimate_log_prob(
     return torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)
 
 
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.LongTensor:
+    """The index ``j`` with ``F(j − 1) ≤ u · F(V − 1) < F(j)`` for ``F`` the running sum of ``probs``."""
+    cdf = probs.double().cumsum(-1)
+    target = (u.double() * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def _draw_with_noise(
+    path: ProbabilityPath, posterior_probs: torch.Tensor, x_t: torch.LongTensor, t: float, h: float,
+    noise: torch.Tensor,
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """``x1 ~ p`` and ``x_next ~ K_h(x_t → · | x1)``, each position from its own two uniforms."""
+    if tuple(noise.shape) != (2, *x_t.shape):
+        raise ValueError(f"noise must have shape {(2, *x_t.shape)}, got {tuple(noise.shape)}")
+    x1 = _inverse_cdf(posterior_probs, noise[0])
+    targets = torch.arange(path.vocab_size, device=x_t.device)
+    kernel = path.kernel_log_prob(x_t.unsqueeze(-1), targets, x1.unsqueeze(-1), t, h).double().exp()
+    return x1, _inverse_cdf(kernel, noise[1])
+
+
 def record_step(
     path: ProbabilityPath,
     posterior_probs: torch.Tensor,
@@ -108,8 +128,13 @@ def record_step(
     generator: torch.Generator | None = None,
     num_draws: int = 0,
     head_size: int = 0,
+    noise: torch.Tensor | None = None,
 ) -> StepRecord:
-    """Draw ``x_next`` from ``π(· | x_t)`` and record what the estimators need (see module doc)."""
+    """Draw ``x_next`` from ``π(· | x_t)`` and record what the estimators need (see module doc).
+
+    ``noise`` (``(2, *x_t.shape)`` uniforms in [0, 1)) draws ``x1`` and ``x_next`` position by position
+    by inverting their CDFs, so two calls with the same noise agree wherever their inputs do (common
+    random numbers, :mod:`dflow_trl.credit`); the kernel row then costs ``O(V)`` per position."""
     path.check_posterior(posterior_probs)
     path.check_tokens(x_t, "x_t")
     vocab = path.vocab_size
@@ -123,8 +148,11 @@ def record_step(
     if 0 < head_size < vocab and num_draws == 0:
         raise ValueError("a head smaller than the vocabulary needs num_draws >= 1 for the tail")
     flat = posterior_probs.detach().reshape(-1, vocab).float()
-    x1 = torch.multinomial(flat, 1, generator=generator).view(x_t.shape)
-    y = path.sample_kernel(x_t, x1, t, h, generator=generator)
+    if noise is None:
+        x1 = torch.multinomial(flat, 1, generator=generator).view(x_t.shape)
+        y = path.sample_kernel(x_t, x1, t, h, generator=generator)
+    else:
+        x1, y = _draw_with_noise(path, posterior_probs.detach(), x_t, t, h, noise)
 
     floor = path.stay_floor(x_t, t, h).double()
     log_floor = (floor * (y == x_t)).log()
@@ -226,9 +254,13 @@ class Estimator(ABC):
         t: float,
         h: float,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> StepRecord:
-        """Draw the rollout step ``x_t → x_next`` and record what :meth:`step_log_prob` needs."""
-        return record_step(path, posterior_probs, x_t, t, h, generator, self.num_draws, self.head_size)
+        """Draw the rollout step ``x_t → x_next`` and record what :meth:`step_log_prob` needs
+        (``noise``: :func:`record_step`)."""
+        return record_step(
+            path, posterior_probs, x_t, t, h, generator, self.num_draws, self.head_size, noise
+        )
 
     def scored_steps(self, trainable: list[int]) -> list[int]:
         """The steps whose log-probability the loss takes, given the config's ``trainable`` ones."""

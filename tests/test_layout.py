@@ -15,7 +15,7 @@ import pytest
 from .helpers import assert_fresh_python_prints_ok
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dflow_trl"
-CORE = ("paths", "sampling.py", "likelihood.py", "rollout.py", "models", "trainer", "rewards")
+CORE = ("paths", "sampling.py", "likelihood.py", "rollout.py", "credit.py", "models", "trainer", "rewards")
 # Modules the core may not import: the tasks, and the CLI above them.
 FORBIDDEN = ("dflow_trl.tasks", "dflow_trl.cli")
 IMPORT_FUNCTIONS = ("import_module", "__import__")
