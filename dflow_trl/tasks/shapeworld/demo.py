@@ -336,7 +336,7 @@ def build_trainer(
         include_last_step=True,
         epsilon=0.2,
         # Per-group scaling (TRL's default) gained +0.017 and +0.023 where this gains +0.076 and +0.083
-        # (seeds 0, 1; benchmarks/README.md).
+        # on text-to-image (seeds 0, 1; benchmarks/README.md); understanding was not measured.
         scale_rewards="batch",
         loss_type="grpo",
         logging_steps=1,
